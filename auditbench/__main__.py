@@ -1,0 +1,3 @@
+from auditbench.cli import app
+
+app(prog_name="auditbench")

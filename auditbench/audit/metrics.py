@@ -1,0 +1,307 @@
+"""Metric registry, per-image attention metrics and classification metrics.
+
+Every metric the pipeline reports is declared once in :data:`METRICS` with its direction
+(``higher_is_better``); ranking, validation and ``check`` read directions from there.
+Confusion-matrix counts (tn, fp, fn, tp) are reported by :func:`classification_metrics` but are
+not registered: they are counts, not scores, so they can be neither ranked nor constrained.
+
+Attention metrics take raw heatmaps H >= 0 (ReLU maps, upsampled to the model frame, never
+min-max normalised: subtracting the minimum changes every mass ratio). Undefined cases are NaN,
+never 0 or 1, and each cause is counted and warned about.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from auditbench.registry import Registry
+
+MetricKind = Literal["classification", "attention", "occlusion"]
+
+
+class MetricWarning(UserWarning):
+    """A metric is undefined (NaN) for some inputs; the message gives the count and the cause."""
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric means and which direction is better.
+
+    ``not_applicable_when_undefined``: NaN means "nothing to measure" (no artifact in view), so a
+    selection constraint on the metric counts as met; for other metrics NaN is a violation.
+    """
+
+    name: str
+    higher_is_better: bool
+    kind: MetricKind
+    description: str
+    citation: str = ""
+    not_applicable_when_undefined: bool = False
+
+
+METRICS = Registry[MetricInfo]("metric")
+
+
+def register_metric(
+    name: str,
+    *,
+    higher_is_better: bool,
+    kind: MetricKind,
+    description: str,
+    citation: str = "",
+    not_applicable_when_undefined: bool = False,
+) -> MetricInfo:
+    """Declare a metric in :data:`METRICS` and return its entry."""
+    info = MetricInfo(name, higher_is_better, kind, description, citation, not_applicable_when_undefined)
+    METRICS.add(name, info)
+    return info
+
+
+def metric_names(kind: MetricKind) -> list[str]:
+    """Registered metric names of one kind, sorted."""
+    return [name for name, info in METRICS.items() if info.kind == kind]
+
+
+_ARRAS = "Arras, Osman, Samek, Information Fusion 2022 (relevance mass accuracy)"
+_ZHANG = "Zhang et al., Top-down neural attention by excitation backprop, IJCV 2018 (pointing game)"
+_OCCLUSION = (
+    "Zeiler & Fergus, ECCV 2014 (occlusion sensitivity); region removal as in RISE (Petsiuk et al., "
+    "BMVC 2018) and ROAD (Rong et al., ICML 2022)"
+)
+
+for _name, _text in [
+    ("accuracy", "fraction of images classified correctly (positive when p > threshold)"),
+    ("balanced_accuracy", "(sensitivity + specificity) / 2"),
+    ("roc_auc", "area under the ROC curve of p(positive)"),
+    ("sensitivity", "tp / (tp + fn), recall of the positive class"),
+    ("specificity", "tn / (tn + fp), recall of the negative class"),
+]:
+    register_metric(_name, higher_is_better=True, kind="classification", description=_text)
+del _name, _text
+
+register_metric(
+    "lung_mass", higher_is_better=True, kind="attention", citation=_ARRAS,
+    description="sum(H over lung mask) / sum(H): share of Grad-CAM mass on the lungs",
+)
+register_metric(
+    "border_mass", higher_is_better=False, kind="attention", citation=_ARRAS,
+    description="sum(H over outer border band) / sum(H): share of Grad-CAM mass on the image border",
+)
+register_metric(
+    "artifact_mass", higher_is_better=False, kind="attention", citation=_ARRAS,
+    not_applicable_when_undefined=True,
+    description="sum(H over artifact mask) / sum(H); NaN (not applicable) without an artifact in view",
+)
+register_metric(
+    "lung_enrichment", higher_is_better=True, kind="attention", citation=_ARRAS,
+    description="lung_mass / (lung area / image area): 1.0 = no preference for the lungs",
+)
+register_metric(
+    "pointing_game", higher_is_better=True, kind="attention", citation=_ZHANG,
+    description="1 if the argmax of H lies in the lung mask, else 0 (no tolerance)",
+)
+register_metric(
+    "artifact_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION,
+    not_applicable_when_undefined=True,
+    description="|p(x) - p(x with artifacts inpainted from the background)|; NaN without an artifact",
+)
+register_metric(
+    "border_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION,
+    description="|p(x) - p(x with the border band filled from the pixels just inside it)|",
+)
+register_metric(
+    "lung_occlusion_effect", higher_is_better=True, kind="occlusion", citation=_OCCLUSION,
+    description="|p(x) - p(x with the lungs filled with their median intensity)|",
+)
+
+
+# ----------------------------------------------------------------------------- attention metrics
+
+
+def border_band(shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """Bool mask of the outer band: round(fraction * side) pixels on each side.
+
+    Rounding is half up (``floor(x + 0.5)``), separately for rows (from H) and columns (from W):
+    224 px at 0.08 -> 17.92 -> 18 px per side.
+    """
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"border fraction must be in [0, 0.5), got {fraction}")
+    height, width = shape
+    rows, cols = (int(np.floor(fraction * side + 0.5)) for side in (height, width))
+    band = np.zeros((height, width), dtype=bool)
+    band[:rows] = band[height - rows:] = True
+    band[:, :cols] = band[:, width - cols:] = True
+    return band
+
+
+def relevance_mass(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Relevance mass accuracy (Arras et al. 2022): sum_{p in M} H_p / sum_p H_p, per image.
+
+    ``heatmaps`` (N, H, W) >= 0; ``masks`` bool (N, H, W) or one (H, W) mask for all images.
+    NaN where sum(H) is 0 or not finite, or where the mask is empty.
+    """
+    flat = heatmaps.reshape(len(heatmaps), -1)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite maps are undefined below
+        total = flat.sum(axis=1, dtype=np.float64)
+        if masks.ndim == 2:
+            inside = flat[:, masks.ravel()].sum(axis=1, dtype=np.float64)
+            empty = np.full(len(flat), not masks.any())
+        else:
+            mask_flat = masks.reshape(len(masks), -1)
+            # einsum avoids materialising H * M; float64 accumulation keeps ratios near 0 and 1 exact
+            inside = np.einsum("np,np->n", flat, mask_flat, dtype=np.float64, casting="unsafe")
+            empty = ~mask_flat.any(axis=1)
+    undefined = empty | ~(np.isfinite(total) & (total > 0))
+    return np.where(undefined, np.nan, inside / np.where(undefined, 1.0, total))
+
+
+def pointing_game(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Pointing game (Zhang et al. 2018, no tolerance): 1.0 if argmax_p H_p lies in M, else 0.0.
+
+    Ties go to the first maximum in row-major order (``np.argmax``). NaN where sum(H) is 0 or not
+    finite, or where the mask is empty (an empty mask is not a hit).
+    """
+    flat = heatmaps.reshape(len(heatmaps), -1)
+    mask_flat = masks.reshape(len(masks), -1)
+    hit = mask_flat[np.arange(len(flat)), np.argmax(flat, axis=1)].astype(np.float64)
+    total = flat.sum(axis=1, dtype=np.float64)
+    undefined = ~mask_flat.any(axis=1) | ~(np.isfinite(total) & (total > 0))
+    return np.where(undefined, np.nan, hit)
+
+
+def enrichment(mass: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Mass enrichment: mass / (|M| / |P|); a uniform map scores 1.0. NaN where |M| = 0 or mass is NaN."""
+    area = masks.reshape(len(masks), -1).mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(area > 0, mass / np.where(area > 0, area, 1.0), np.nan)
+
+
+@dataclass
+class AttentionResult:
+    """Per-image attention metrics and how many images were undefined for each cause.
+
+    ``values``: metric name -> (N,) float64 with NaN where undefined.
+    ``nan_counts``: ``zero_map`` (sum(H) is 0 or not finite: every attention metric is NaN),
+    ``empty_lung_mask`` (lung metrics NaN), ``no_artifact`` (artifact_mass NaN). An image can count
+    under several causes.
+    """
+
+    values: dict[str, np.ndarray]
+    nan_counts: dict[str, int]
+
+
+def stack_optional_masks(
+    masks: np.ndarray | Sequence[np.ndarray | None] | None, shape: tuple[int, int, int]
+) -> np.ndarray:
+    """(N, H, W) bool masks from an array, a per-image list with None for "no mask", or None."""
+    if masks is None:
+        return np.zeros(shape, dtype=bool)
+    if not isinstance(masks, np.ndarray):
+        if len(masks) != shape[0]:
+            raise ValueError(f"expected {shape[0]} masks, got {len(masks)}")
+        masks = np.stack([np.zeros(shape[1:], bool) if m is None else np.asarray(m, bool) for m in masks])
+    if masks.shape != shape:
+        raise ValueError(f"mask shape {masks.shape} differs from image/heatmap shape {shape}")
+    return masks.astype(bool, copy=False)
+
+
+def attention_metrics(
+    heatmaps: np.ndarray,
+    lung_masks: np.ndarray,
+    artifact_masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    border_fraction: float = 0.08,
+) -> AttentionResult:
+    """lung_mass, border_mass, artifact_mass, lung_enrichment and pointing_game per image.
+
+    ``heatmaps`` (N, H, W) raw maps H >= 0 in the model frame; ``lung_masks`` bool (N, H, W);
+    ``artifact_masks`` bool (N, H, W), a list with None for images without one, or None for none.
+    Emits one :class:`MetricWarning` per cause (all-zero/non-finite maps, empty lung masks) with
+    its count; images without an artifact are expected and only counted.
+
+    >>> h = np.zeros((1, 4, 4)); h[0, 1, 1] = 3.0; h[0, 2, 2] = 1.0
+    >>> lungs = np.zeros((1, 4, 4), bool); lungs[0, 1, 1] = True
+    >>> attention_metrics(h, lungs).values["lung_mass"]
+    array([0.75])
+    """
+    heatmaps = np.asarray(heatmaps)
+    if heatmaps.ndim != 3:
+        raise ValueError(f"heatmaps must be (N, H, W), got shape {heatmaps.shape}")
+    if np.any(heatmaps < 0):
+        raise ValueError(f"heatmaps must be raw ReLU maps >= 0, got minimum {np.nanmin(heatmaps):.3g}")
+    lung_masks = stack_optional_masks(lung_masks, heatmaps.shape)
+    artifact_masks = stack_optional_masks(artifact_masks, heatmaps.shape)
+    n = len(heatmaps)
+
+    total = heatmaps.reshape(n, -1).sum(axis=1, dtype=np.float64)
+    counts = {
+        "zero_map": int(np.sum(~(np.isfinite(total) & (total > 0)))),
+        "empty_lung_mask": int(np.sum(~lung_masks.reshape(n, -1).any(axis=1))),
+        "no_artifact": int(np.sum(~artifact_masks.reshape(n, -1).any(axis=1))),
+    }
+    if counts["zero_map"]:
+        warnings.warn(
+            f"{counts['zero_map']} of {n} heatmaps are all zero or non-finite: "
+            "attention metrics are NaN for them",
+            MetricWarning, stacklevel=2,
+        )
+    if counts["empty_lung_mask"]:
+        warnings.warn(
+            f"{counts['empty_lung_mask']} of {n} lung masks are empty: lung metrics are NaN for them",
+            MetricWarning, stacklevel=2,
+        )
+
+    lung_mass = relevance_mass(heatmaps, lung_masks)
+    values = {
+        "lung_mass": lung_mass,
+        "border_mass": relevance_mass(heatmaps, border_band(heatmaps.shape[1:], border_fraction)),
+        "artifact_mass": relevance_mass(heatmaps, artifact_masks),
+        "lung_enrichment": enrichment(lung_mass, lung_masks),
+        "pointing_game": pointing_game(heatmaps, lung_masks),
+    }
+    return AttentionResult(values=values, nan_counts=counts)
+
+
+# ------------------------------------------------------------------------ classification metrics
+
+
+def classification_metrics(
+    y_true: np.ndarray, p_positive: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """accuracy, balanced_accuracy, roc_auc, sensitivity, specificity and tn, fp, fn, tp.
+
+    An image is predicted positive when p > threshold (the argmax of two softmax outputs at 0.5).
+    With one class only, roc_auc, balanced_accuracy and the recall of the missing class are NaN and
+    a :class:`MetricWarning` says so. Counts are returned as floats so the dict is uniform.
+    """
+    y_true = np.asarray(y_true)
+    p_positive = np.asarray(p_positive, dtype=np.float64)
+    if y_true.ndim != 1 or y_true.shape != p_positive.shape or len(y_true) == 0:
+        raise ValueError(f"need two equal non-empty 1-D arrays, got {y_true.shape} and {p_positive.shape}")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError(f"y_true must hold 0 and 1 only, got {np.unique(y_true)}")
+    if not np.isfinite(p_positive).all():
+        raise ValueError("p_positive contains NaN or infinite values")
+    y_pred = (p_positive > threshold).astype(int)
+    tn, fp, fn, tp = (float(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
+
+    both_classes = tp + fn > 0 and tn + fp > 0
+    if not both_classes:
+        warnings.warn(
+            f"only class {int(y_true[0])} is present in {len(y_true)} labels: roc_auc, balanced_accuracy "
+            f"and {'sensitivity' if y_true[0] == 0 else 'specificity'} are NaN",
+            MetricWarning, stacklevel=2,
+        )
+    sensitivity = tp / (tp + fn) if tp + fn > 0 else np.nan
+    specificity = tn / (tn + fp) if tn + fp > 0 else np.nan
+    return {
+        "accuracy": (tp + tn) / len(y_true),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "roc_auc": float(roc_auc_score(y_true, p_positive)) if both_classes else np.nan,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+    }

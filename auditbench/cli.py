@@ -1,0 +1,210 @@
+"""The `auditbench` command line: a thin layer over the pipeline stages."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Explainability audits of chest X-ray classifiers: accuracy and Grad-CAM attention on lungs vs artifacts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
+masks_app = typer.Typer(help="Lung masks for images that come without them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(masks_app, name="masks")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _load(protocol: Path, overrides: list[str]):
+    from auditbench.protocol.loader import ProtocolError, load_protocol
+
+    try:
+        return load_protocol(protocol, overrides)
+    except ProtocolError as error:
+        raise _fail(str(error)) from None
+
+
+SetOption = typer.Option([], "--set", help="Override a protocol field: dotted.key=value (value parsed as YAML). Repeatable.")
+
+
+@app.command()
+def validate(
+    protocol: Path = typer.Argument(..., help="Protocol YAML file."),
+    overrides: list[str] = SetOption,
+) -> None:
+    """Check a protocol without running it; print the model grid it expands to."""
+    from auditbench.protocol.grid import expand_grid
+
+    resolved = _load(protocol, overrides)
+    try:
+        specs = expand_grid(resolved)
+    except ValueError as error:
+        raise _fail(f"{protocol}: {error}") from None
+    console.print(f"[green]valid[/]: {protocol} -> {len(specs)} models x {resolved.training.folds} folds")
+    for spec in specs:
+        console.print(f"  {spec.model_id}", highlight=False)
+
+
+@app.command()
+def run(
+    protocol: Path = typer.Argument(..., help="Protocol YAML file, e.g. protocols/quick.yaml."),
+    overrides: list[str] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default reports/<protocol name>/)."),
+) -> None:
+    """Train the grid, explain, audit, rank and write CSV, JSON and HTML reports."""
+    from auditbench.data.records import DataError
+    from auditbench.models.backbones import WeightsUnavailableError
+    from auditbench.registry import UnknownNameError
+    from auditbench.run import run_protocol
+
+    resolved = _load(protocol, overrides)
+    out_dir = out or Path("reports") / resolved.name
+    try:
+        summary = run_protocol(resolved, out_dir, Path.cwd(), err_console)
+    except (DataError, WeightsUnavailableError, UnknownNameError) as error:
+        raise _fail(str(error)) from None
+    selected = summary["selected_model"] or "[bold red]none: no model meets the selection constraints[/]"
+    console.print(f"selected model: {selected}")
+    console.print(f"report: {out_dir / 'report.html'}")
+    console.print(f"time per stage (s): {summary['stage_seconds']}", highlight=False)
+
+
+@app.command()
+def report(out_dir: Path = typer.Argument(..., help="A run's output folder.")) -> None:
+    """Re-render report.html from the result tables alone (no re-run)."""
+    from auditbench.report.html import render_report
+    from auditbench.report.tables import ResultsError
+
+    try:
+        path = render_report(out_dir)
+    except ResultsError as error:
+        raise _fail(str(error)) from None
+    console.print(f"report: {path}")
+
+
+@app.command()
+def check(
+    out_dir: Path = typer.Argument(..., help="A run's output folder."),
+    min_lung_mass: Optional[float] = typer.Option(None, help="Fail when lung_mass is below this."),
+    max_border_mass: Optional[float] = typer.Option(None, help="Fail when border_mass is above this."),
+    max_artifact_mass: Optional[float] = typer.Option(None, help="Fail when artifact_mass is above this."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Fail when accuracy is below this."),
+    minimum: list[str] = typer.Option([], "--min", help="METRIC=F: fail when METRIC is below F. Repeatable."),
+    maximum: list[str] = typer.Option([], "--max", help="METRIC=F: fail when METRIC is above F. Repeatable."),
+    all_models: bool = typer.Option(False, "--all-models", help="Check every model, not only the selected one."),
+) -> None:
+    """CI gate: exit 0 when every threshold holds, 1 when one fails, 2 on bad input."""
+    from auditbench.report.check import CheckInputError, Threshold, parse_threshold_option, run_check
+
+    try:
+        thresholds = [
+            Threshold(metric, bound, value)
+            for metric, bound, value in (
+                ("lung_mass", "min", min_lung_mass),
+                ("border_mass", "max", max_border_mass),
+                ("artifact_mass", "max", max_artifact_mass),
+                ("accuracy", "min", min_accuracy),
+            )
+            if value is not None
+        ]
+        thresholds += [parse_threshold_option(text, "min") for text in minimum]
+        thresholds += [parse_threshold_option(text, "max") for text in maximum]
+        if not thresholds:
+            raise CheckInputError("no thresholds given; e.g. --min-lung-mass 0.5 or --max artifact_occlusion_effect=0.1")
+        result = run_check(out_dir, thresholds, all_models)
+    except CheckInputError as error:
+        raise _fail(str(error)) from None
+    for model_id, metric in result.not_applicable:
+        console.print(f"[yellow]n/a[/] {model_id}: {metric} is not applicable (no artifact in view); counted as met", highlight=False)
+    for failure in result.failures:
+        console.print(
+            f"[red]FAIL[/] {failure.model_id}: {failure.metric} = {failure.value} (threshold: {failure.bound} {failure.threshold})",
+            highlight=False,
+        )
+    if result.passed:
+        console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {len(thresholds)} threshold(s)")
+        raise typer.Exit(EXIT_OK)
+    raise typer.Exit(EXIT_FAILED)
+
+
+@data_app.command("check")
+def data_check(
+    root: Path = typer.Argument(..., help="Data set root in its public layout."),
+    dataset: str = typer.Option(..., "--dataset", help="Data set adapter: ieee8023, kermany, manifest."),
+    max_side: int = typer.Option(512, help="Images are read downsized to this longest side."),
+) -> None:
+    """Print what a data set holds (labels, sources, views, masks, unreadable files); trains nothing."""
+    from auditbench.data.inspect import format_report, inspect_dataset
+    from auditbench.data.records import DataError
+    from auditbench.registry import UnknownNameError
+
+    try:
+        result = inspect_dataset(root, dataset, None, max_side=max_side)
+    except (DataError, UnknownNameError) as error:
+        raise _fail(str(error)) from None
+    console.print(format_report(result))
+
+
+@masks_app.command("train")
+def masks_train(
+    pairs: Path = typer.Option(..., "--pairs", help="Folder with cxr/*.png and masks/*.png pairs."),
+    out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the shipped model's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Retrain the lung segmentation model on image/mask pairs."""
+    from auditbench.masks.lungseg import train_lung_segmenter
+
+    if not (pairs / "cxr").is_dir() or not (pairs / "masks").is_dir():
+        raise _fail(f"{pairs}: expected folders cxr/ and masks/ with matching PNG names")
+    kwargs = {"seed": seed}
+    if epochs is not None:
+        kwargs["epochs"] = epochs
+    report_ = train_lung_segmenter(pairs, out, **kwargs)
+    console.print(f"wrote {out}; validation Dice {report_.dice_val:.3f}")
+
+
+@masks_app.command("predict")
+def masks_predict(
+    root: Path = typer.Argument(..., help="Data set root in its public layout."),
+    dataset: str = typer.Option(..., "--dataset", help="Data set adapter: ieee8023, kermany, manifest."),
+    out: Path = typer.Option(..., "--out", help="Folder for the predicted masks (PNG, 0/255) and masks.csv."),
+    weights: Optional[Path] = typer.Option(None, help="Lung model weights (default: the shipped model)."),
+    max_side: int = typer.Option(512, help="Images are read downsized to this longest side."),
+) -> None:
+    """Predict lung masks for every image of a data set (images that have masks get one too)."""
+    import pandas as pd
+    from PIL import Image
+
+    from auditbench.data.datasets import DATASETS
+    from auditbench.data.records import DataError
+    from auditbench.masks.lungseg import LungSegmenter
+    from auditbench.registry import UnknownNameError
+
+    try:
+        loaded = DATASETS.get(dataset).load(root, {}, max_side)
+    except (DataError, UnknownNameError) as error:
+        raise _fail(str(error)) from None
+    segmenter = LungSegmenter.load(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sample, mask in zip(loaded.samples, segmenter.predict([s.image for s in loaded.samples])):
+        file = "".join(c if c.isalnum() or c in "._-" else "_" for c in sample.sample_id) + ".png"
+        Image.fromarray(mask.astype("uint8") * 255).save(out / file)
+        rows.append({"sample_id": sample.sample_id, "path": sample.path, "lung_mask": file, "label": sample.label})
+    pd.DataFrame(rows).to_csv(out / "masks.csv", index=False)
+    console.print(f"wrote {len(rows)} masks to {out} ({len(loaded.skipped)} unreadable files skipped)")

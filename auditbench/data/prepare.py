@@ -1,0 +1,194 @@
+"""Protocol data section -> the samples of one task, with a training view and a test view."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
+from auditbench.data.transforms import FrameSpec, mask_to_model_frame, to_model_frame
+from auditbench.protocol.schema import DataSpec, Protocol, SourceSpec, TaskSpec
+
+
+@dataclass
+class TaskData:
+    """The images of one task. ``test_view[i]`` is the same image and patient as ``train_view[i]``;
+    they differ only where the data set draws test images apart (the synthetic decorrelated test)."""
+
+    train_view: list[Sample]
+    test_view: list[Sample]
+    labels: np.ndarray  # 0/1 task labels
+    groups: np.ndarray  # patient ids
+    external: dict[str, tuple[list[Sample], np.ndarray]] = field(default_factory=dict)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+@dataclass
+class Frames:
+    """Samples mapped into one model frame, stacked for batching."""
+
+    images: np.ndarray  # (N, S, S) float32 [0, 1]
+    lungs: np.ndarray  # (N, S, S) bool
+    artifacts: np.ndarray  # (N, S, S) bool, all False where the image shows no artifact
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: np.ndarray) -> "Frames":
+        return Frames(self.images[index], self.lungs[index], self.artifacts[index])
+
+
+def to_frames(samples: list[Sample], frame: FrameSpec) -> Frames:
+    size = frame.input_size
+    images = np.empty((len(samples), size, size), np.float32)
+    lungs = np.zeros((len(samples), size, size), bool)
+    artifacts = np.zeros((len(samples), size, size), bool)
+    for i, sample in enumerate(samples):
+        images[i] = to_model_frame(sample.image, frame)
+        if sample.lung_mask is not None:
+            lungs[i] = mask_to_model_frame(sample.lung_mask, frame)
+        if sample.artifact_mask is not None:
+            artifacts[i] = mask_to_model_frame(sample.artifact_mask, frame)
+    return Frames(images, lungs, artifacts)
+
+
+def _select_task(samples: list[Sample], task: TaskSpec) -> tuple[list[int], np.ndarray]:
+    keep, labels = [], []
+    for i, sample in enumerate(samples):
+        index = task.label_index(sample.label)
+        if index is not None:
+            keep.append(i)
+            labels.append(index)
+    return keep, np.asarray(labels, dtype=np.int64)
+
+
+def _balance(keep: list[int], labels: np.ndarray, data: DataSpec, seed: int) -> tuple[list[int], np.ndarray]:
+    """``cap``: at most cap_per_class images per class; ``balance``: down-sample to the smallest class."""
+    if data.balance == "none":
+        return keep, labels
+    counts = np.bincount(labels, minlength=2)
+    limit = data.cap_per_class if data.balance == "cap" else int(counts.min())
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in (0, 1):
+        members = np.flatnonzero(labels == cls)
+        if len(members) > limit:
+            members = np.sort(rng.choice(members, size=limit, replace=False))
+        chosen.extend(members.tolist())
+    chosen.sort()
+    return [keep[i] for i in chosen], labels[chosen]
+
+
+def _check_classes(labels: np.ndarray, task: TaskSpec, where: str, found: dict[str, int]) -> None:
+    counts = np.bincount(labels, minlength=2) if len(labels) else np.zeros(2, int)
+    for index, name in enumerate(task.class_names):
+        if counts[index] == 0:
+            raise DataError(
+                f"{where}: task {task.name!r} class {name!r} (raw labels {task.classes[name]}) has no images; "
+                f"raw labels found: {found or 'none'}"
+            )
+
+
+def _raw_counts(samples: list[Sample]) -> dict[str, int]:
+    values, counts = np.unique([s.label for s in samples], return_counts=True) if samples else ([], [])
+    return dict(zip(map(str, values), map(int, counts)))
+
+
+def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: float) -> TaskData:
+    from auditbench.data.synthetic import SyntheticConfig, generate
+
+    spec = protocol.data.synthetic
+    kwargs = dict(
+        n_images=spec.n_images,
+        image_size=spec.image_size,
+        classes=tuple(spec.classes),
+        positive_class=task.positive if task.positive in spec.classes else spec.classes[0],
+        base_artifact_rate=spec.base_artifact_rate,
+        artifact_band=spec.artifact_band,
+        seed=protocol.seed,
+    )
+    if spec.disease_strength is not None:
+        kwargs["disease_strength"] = spec.disease_strength
+    config = SyntheticConfig(**kwargs)
+    train_view = generate(config, shortcut_strength, "train").samples
+    test_view = generate(config, spec.test_shortcut_strength, "test").samples
+    keep, labels = _select_task(train_view, task)
+    _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
+    keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
+    return TaskData(
+        train_view=[train_view[i] for i in keep],
+        test_view=[test_view[i] for i in keep],
+        labels=labels,
+        groups=np.array([train_view[i].patient_id for i in keep]),
+    )
+
+
+def _source_root(data: DataSpec, source: SourceSpec, base: Path) -> Path:
+    root = Path(source.root)
+    if not root.is_absolute():
+        root = Path(data.root) / root
+        if not root.is_absolute():
+            root = base / root
+    return root
+
+
+def load_sources(sources: list[SourceSpec], data: DataSpec, base: Path) -> LoadedDataset:
+    """Load real data sets via the data set registry; unreadable files are recorded, not fatal."""
+    from auditbench.data.datasets import DATASETS
+
+    loaded = LoadedDataset(samples=[], skipped=[])
+    for source in sources:
+        adapter = DATASETS.get(source.dataset)
+        root = _source_root(data, source, base)
+        if not root.exists():
+            raise DataError(
+                f"data root for {source.dataset!r} not found: {root} "
+                f"(set data.root or data.sources[].root, e.g. --set data.root=/path/to/data)"
+            )
+        part = adapter.load(root, dict(source.options), data.max_side)
+        if source.source:
+            for sample in part.samples:
+                sample.source = source.source
+        loaded.extend(part)
+    return loaded
+
+
+def fill_missing_masks(samples: list[Sample], data: DataSpec) -> None:
+    """Predicted lung masks and detected artifact masks where a data set has none (recorded)."""
+    needs_lungs = [s for s in samples if s.lung_mask is None or data.masks.lung == "predicted"]
+    if needs_lungs and data.masks.lung != "dataset":
+        from auditbench.masks.lungseg import build_segmenter
+
+        segmenter = build_segmenter(data.masks.lung_model)
+        for sample, mask in zip(needs_lungs, segmenter.predict([s.image for s in needs_lungs])):
+            sample.lung_mask = mask
+            sample.mask_source = "predicted"
+    needs_artifacts = [s for s in samples if s.artifact_mask is None or data.masks.artifacts == "detected"]
+    if needs_artifacts and data.masks.artifacts in ("dataset_or_detected", "detected"):
+        from auditbench.masks.artifacts import detect_artifacts
+
+        for sample in needs_artifacts:
+            sample.artifact_mask = detect_artifacts(sample.image, sample.lung_mask)
+            sample.artifact_mask_source = "detected"
+
+
+def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, external: dict[str, LoadedDataset]) -> TaskData:
+    keep, labels = _select_task(internal.samples, task)
+    _check_classes(labels, task, "data.sources", _raw_counts(internal.samples))
+    keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
+    samples = [internal.samples[i] for i in keep]
+    task_external = {}
+    for name, loaded in external.items():
+        ext_keep, ext_labels = _select_task(loaded.samples, task)
+        if ext_keep:
+            task_external[name] = ([loaded.samples[i] for i in ext_keep], ext_labels)
+    skipped = internal.skipped + [s for loaded in external.values() for s in loaded.skipped]
+    return TaskData(
+        train_view=samples,
+        test_view=samples,
+        labels=labels,
+        groups=np.array([s.patient_id for s in samples]),
+        external=task_external,
+        skipped=skipped,
+    )

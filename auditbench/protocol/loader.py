@@ -1,0 +1,133 @@
+"""Read a protocol YAML (safe loading), apply ``--set`` overrides, validate with clear errors."""
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from auditbench.protocol.schema import Protocol
+
+
+class ProtocolError(ValueError):
+    """An invalid protocol; the message names the file, the field (and line) and what is allowed."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ProtocolError(f"--set {text!r}: expected dotted.key=value, e.g. --set training.folds=2")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ProtocolError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ProtocolError(f"--set {text!r}: {part!r} is not a mapping, so it has no key {path[-1]!r}")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _model_class_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model whose fields are valid at ``loc`` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] | None = Protocol
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        model = _first_model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _first_model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _first_model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of the YAML node at ``loc`` (the deepest one that exists)."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key = next((k for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = key.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_errors(error: ValidationError, origin: str, tree: yaml.Node | None) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+        dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        line = _line_of(tree, loc)
+        where = f"{origin}" + (f", line {line}" if line else "")
+        if item["type"] == "extra_forbidden":
+            parent = _model_class_at(loc[:-1])
+            valid = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.4)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{where}: unknown key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: missing required field {dotted!r}")
+        else:
+            got = item.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"{where}: field {dotted or '<top level>'!r}: {item['msg']}{shown}")
+    return "invalid protocol:\n  " + "\n  ".join(lines)
+
+
+def load_protocol(path: str | Path, overrides: list[str] | None = None) -> Protocol:
+    """Load, override and validate a protocol file. Raises :class:`ProtocolError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(f"protocol file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ProtocolError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{path}: a protocol is a YAML mapping with keys {', '.join(Protocol.model_fields)}")
+    origin = str(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        origin = f"{path} (after --set {' '.join(overrides)})"
+    try:
+        return Protocol.model_validate(raw)
+    except ValidationError as error:
+        raise ProtocolError(_format_errors(error, origin, tree)) from None
+
+
+def dump_protocol(protocol: Protocol) -> str:
+    """The resolved protocol (defaults filled in) as YAML, loadable again by :func:`load_protocol`."""
+    return yaml.safe_dump(protocol.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,258 @@
+"""The protocol: one YAML file, validated into typed records.
+
+Top-level keys are fixed: ``name, seed, data, task, preprocessing, models, training, explain,
+metrics, selection, report``. List-valued grid axes (backbones, hidden sizes, finetune, augment,
+crop, tasks, synthetic shortcut strengths) expand to the model grid (:mod:`auditbench.protocol.grid`).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from auditbench.data.transforms import STUDY_CROP_RATIO
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(value: Any) -> Any:
+    """Grid axes accept a scalar as a one-value axis."""
+    return value if isinstance(value, list) else [value]
+
+
+class SyntheticSpec(_Strict):
+    """Synthetic chest X-ray phantoms with exact lung and artifact masks (the known-answer data)."""
+
+    n_images: int = Field(200, ge=8)
+    image_size: int = Field(128, ge=32, le=1024)
+    classes: list[str] = ["covid", "normal"]
+    disease_strength: float | None = Field(None, gt=0)
+    base_artifact_rate: float = Field(0.5, ge=0, le=1)
+    artifact_band: float = Field(0.12, gt=0, lt=0.5)
+    shortcut_strength: list[float] = [0.0]
+    test_shortcut_strength: float = Field(0.0, ge=0, le=1)
+
+    _axis = field_validator("shortcut_strength", mode="before")(_as_list)
+
+    @field_validator("shortcut_strength")
+    @classmethod
+    def _strengths_in_range(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0 <= value <= 1:
+                raise ValueError(f"each shortcut strength must lie in [0, 1], got {value}")
+        return values
+
+
+class SourceSpec(_Strict):
+    """One real data set in its public layout, under ``data.root`` unless ``root`` is absolute."""
+
+    dataset: str
+    root: str
+    source: str | None = None
+    options: dict[str, Any] = {}
+
+
+class ExternalSpec(_Strict):
+    """A labelled test set from other sources: never used for training or model selection."""
+
+    name: str
+    sources: list[SourceSpec] = Field(min_length=1)
+
+
+class MaskSpec(_Strict):
+    lung: Literal["dataset_or_predicted", "dataset", "predicted"] = "dataset_or_predicted"
+    lung_model: str = "auditbench-unet"
+    artifacts: Literal["dataset_or_detected", "dataset", "detected", "none"] = "dataset_or_detected"
+
+
+class DataSpec(_Strict):
+    dataset: Literal["synthetic", "sources"] = "synthetic"
+    root: str = "data"
+    synthetic: SyntheticSpec = SyntheticSpec()
+    sources: list[SourceSpec] = []
+    external: list[ExternalSpec] = []
+    max_side: int = Field(512, ge=64)
+    balance: Literal["none", "cap", "balance"] = "none"
+    cap_per_class: int | None = Field(None, ge=1)
+    masks: MaskSpec = MaskSpec()
+
+    @model_validator(mode="after")
+    def _sources_present(self) -> "DataSpec":
+        if self.dataset == "sources" and not self.sources:
+            raise ValueError("data.dataset is 'sources' but data.sources is empty")
+        if self.balance == "cap" and self.cap_per_class is None:
+            raise ValueError("data.balance 'cap' needs data.cap_per_class")
+        return self
+
+
+class TaskSpec(_Strict):
+    """A binary task: two task classes, each a list of the data sets' raw labels."""
+
+    name: str
+    positive: str
+    classes: dict[str, list[str]]
+
+    @model_validator(mode="after")
+    def _binary(self) -> "TaskSpec":
+        if len(self.classes) != 2:
+            raise ValueError(f"task {self.name!r} needs exactly 2 classes, got {list(self.classes)}")
+        if self.positive not in self.classes:
+            raise ValueError(f"task {self.name!r}: positive class {self.positive!r} is not one of {list(self.classes)}")
+        seen: dict[str, str] = {}
+        for task_class, raw_labels in self.classes.items():
+            for raw in raw_labels:
+                if raw in seen:
+                    raise ValueError(f"task {self.name!r}: raw label {raw!r} is in both {seen[raw]!r} and {task_class!r}")
+                seen[raw] = task_class
+        return self
+
+    @property
+    def negative(self) -> str:
+        return next(name for name in self.classes if name != self.positive)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Index order: negative class 0, positive class 1."""
+        return [self.negative, self.positive]
+
+    def label_index(self, raw_label: str) -> int | None:
+        """0/1 for raw labels in the task, None for labels the task leaves out."""
+        for task_class, raw_labels in self.classes.items():
+            if raw_label in raw_labels:
+                return int(task_class == self.positive)
+        return None
+
+
+BUILTIN_TASKS: dict[str, TaskSpec] = {
+    "covid_vs_non_covid": TaskSpec(
+        name="covid_vs_non_covid",
+        positive="covid",
+        classes={"non_covid": ["normal", "viral", "bacterial", "fungal"], "covid": ["covid"]},
+    ),
+    "covid_vs_viral": TaskSpec(
+        name="covid_vs_viral", positive="covid", classes={"viral": ["viral"], "covid": ["covid"]}
+    ),
+}
+
+
+class PreprocessingSpec(_Strict):
+    input_size: int | None = Field(None, ge=32, description="None: each backbone's own data config size")
+    crop: list[bool] = [False]
+    crop_ratio: float = Field(STUDY_CROP_RATIO, ge=0, lt=0.5)
+
+    _axis = field_validator("crop", mode="before")(_as_list)
+
+
+class BackboneSpec(_Strict):
+    name: str
+    weights: str = "imagenet"
+
+
+class ModelsSpec(_Strict):
+    backbones: list[BackboneSpec] = Field(min_length=1)
+    hidden: list[int] = [256]
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _backbone_shorthand(cls, value: Any) -> Any:
+        return [{"name": item} if isinstance(item, str) else item for item in _as_list(value)]
+
+    _axis = field_validator("hidden", mode="before")(_as_list)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_hidden(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError(f"hidden sizes must be >= 1, got {values}")
+        return values
+
+
+class PhaseSpec(_Strict):
+    lr: float = Field(gt=0)
+    max_epochs: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainingSpec(_Strict):
+    folds: int = Field(4, ge=2)
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    finetune: list[bool] = [False]
+    augment: list[bool] = [False]
+    augment_mode: Literal["minority_once", "online"] = "minority_once"
+    batch_size: int = Field(32, ge=1)
+    head: PhaseSpec = PhaseSpec(lr=1e-3, max_epochs=200, patience=10)
+    finetune_phase: PhaseSpec = PhaseSpec(lr=1e-5, max_epochs=10, patience=3)
+    device: str = "auto"
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    _axes = field_validator("finetune", "augment", mode="before")(_as_list)
+
+
+class ExplainSpec(_Strict):
+    method: str = "gradcam"
+    batch_size: int = Field(32, ge=1)
+
+
+class MetricsSpec(_Strict):
+    border_fraction: float = Field(0.08, gt=0, lt=0.5)
+    occlusion: bool = True
+
+
+class ConstraintSpec(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "ConstraintSpec":
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs min or max")
+        return self
+
+
+class SelectionSpec(_Strict):
+    primary: str = "accuracy"
+    constraints: dict[str, ConstraintSpec] = {}
+    pareto: tuple[str, str] = ("accuracy", "lung_mass")
+
+
+class ReportSpec(_Strict):
+    save_models: Literal["selected", "all", "none"] = "selected"
+    gallery_per_model: int = Field(2, ge=0)
+    html: bool = True
+
+
+class Protocol(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    task: list[TaskSpec]
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    models: ModelsSpec
+    training: TrainingSpec = TrainingSpec()
+    explain: ExplainSpec = ExplainSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    selection: SelectionSpec = SelectionSpec()
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        tasks = []
+        for item in _as_list(value):
+            if isinstance(item, str):
+                if item not in BUILTIN_TASKS:
+                    raise ValueError(f"unknown built-in task {item!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+                item = BUILTIN_TASKS[item]
+            tasks.append(item)
+        return tasks
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> "Protocol":
+        names = [t.name for t in self.task]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return self

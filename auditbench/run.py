@@ -1,0 +1,576 @@
+"""`auditbench run`: protocol -> data -> training -> Grad-CAM -> audit metrics -> selection -> report."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+import shutil
+import time
+import warnings
+import zlib
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from auditbench.audit.metrics import METRICS, attention_metrics, classification_metrics
+from auditbench.audit.occlusion import OCCLUSION_REGIONS, OccludedImages, effects_from_probabilities, occlude, occlusion_effects
+from auditbench.audit.validation import metric_separation
+from auditbench.data.prepare import Frames, TaskData, fill_missing_masks, load_sources, real_task_data, synthetic_task_data, to_frames
+from auditbench.data.records import LoadedDataset, Sample
+from auditbench.data.splits import Fold, make_folds
+from auditbench.data.transforms import FrameSpec, normalise
+from auditbench.explain.gradcam import CAM_METHODS, gradcam_from_features, upsample_cams
+from auditbench.models.backbones import FeatureBackbone, build_backbone
+from auditbench.models.checkpoint import save_checkpoint
+from auditbench.models.classifier import Classifier, Head
+from auditbench.protocol.grid import ModelSpec, data_axes, expand_grid
+from auditbench.protocol.loader import dump_protocol
+from auditbench.protocol.schema import Protocol, TaskSpec
+from auditbench.report.overlays import overlay_png
+from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
+from auditbench.training.device import Accelerator, select_accelerator
+from auditbench.training.features import CachedFeatures, extract_features
+from auditbench.training.trainer import finetune, predict_logits, train_head
+
+CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity"]
+COUNT_METRICS = ["tn", "fp", "fn", "tp"]
+ATTENTION_METRICS = ["lung_mass", "border_mass", "artifact_mass", "lung_enrichment", "pointing_game"]
+OCCLUSION_METRICS = ["artifact_occlusion_effect", "border_occlusion_effect", "lung_occlusion_effect"]
+PACKAGES = ["auditbench", "torch", "torchvision", "timm", "captum", "numpy", "pandas", "scikit-image", "scikit-learn", "scipy"]
+
+
+@dataclass
+class StageClock:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class ModelFold:
+    """One trained model of one fold, ready to predict and explain."""
+
+    classifier: Classifier
+    frozen: bool  # True: the backbone is the shared pretrained one, so cached maps are valid
+
+
+@dataclass
+class GalleryCandidate:
+    lung_mass: float
+    fold: int
+    sample: Sample
+    label: str
+    p_positive: float
+    image: np.ndarray
+    heatmap: np.ndarray
+    lung: np.ndarray
+    artifact: np.ndarray
+
+
+@dataclass
+class Occlusion:
+    """Occluded copies of a set of frames, with their pooled backbone features: a frozen model's
+    occlusion effects then need only its head."""
+
+    images: OccludedImages
+    pooled: dict[str, torch.Tensor]
+
+    def subset(self, index: np.ndarray) -> "Occlusion":
+        images = self.images.subset(index)
+        return Occlusion(images, {r: self.pooled[r][torch.as_tensor(images.parent_rows[r])] for r in self.pooled})
+
+
+@dataclass
+class GroupInputs:
+    """Everything shared by the models of one (task, data axes, backbone, crop) group."""
+
+    backbone: FeatureBackbone
+    frame: FrameSpec
+    mean: tuple
+    std: tuple
+    train_frames: Frames
+    test_frames: Frames
+    train_features: CachedFeatures
+    test_features: CachedFeatures
+    augmented_frames: Frames | None
+    augmented_features: CachedFeatures | None
+    augmented_source: np.ndarray | None  # index into train view of each augmented copy
+    external: dict[str, tuple[Frames, CachedFeatures, Occlusion | None]]
+    test_occlusion: Occlusion | None
+
+
+def stable_seed(*parts) -> int:
+    """A seed derived from the protocol seed and names, the same on every run and machine."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) % (2**31)
+
+
+class Runner:
+    def __init__(self, protocol: Protocol, out_dir: Path, base_dir: Path, console: Console | None = None):
+        self.protocol = protocol
+        self.out_dir = out_dir
+        self.base_dir = base_dir
+        self.console = console or Console(stderr=True)
+        self.clock = StageClock()
+        self.accelerator: Accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision)
+        self.specs = expand_grid(protocol)
+        self.results_rows: list[dict] = []
+        self.image_rows: list[dict] = []
+        self.gallery: dict[str, dict[str, GalleryCandidate]] = defaultdict(dict)
+        self.warning_counts: Counter[str] = Counter()
+        self.notes: list[str] = []
+        self.cam_layers: dict[str, str] = {}
+        self.skipped = []
+        self.n_images = 0
+        self._gallery_rows: list[dict] = []
+        self._backbones: dict[tuple[str, str], FeatureBackbone] = {}
+        CAM_METHODS.get(protocol.explain.method)
+
+    # ----- data -------------------------------------------------------------------------------
+
+    def _task_data(self) -> list[tuple[TaskSpec, dict[str, float], TaskData]]:
+        axes = data_axes(self.protocol)
+        out = []
+        if self.protocol.data.dataset == "synthetic":
+            for task in self.protocol.task:
+                for strength in axes["shortcut_strength"]:
+                    out.append((task, {"shortcut_strength": strength}, synthetic_task_data(self.protocol, task, strength)))
+            return out
+        data = self.protocol.data
+        internal = load_sources(data.sources, data, self.base_dir)
+        external = {ext.name: load_sources(ext.sources, data, self.base_dir) for ext in data.external}
+        everything = internal.samples + [s for loaded in external.values() for s in loaded.samples]
+        fill_missing_masks(everything, data)
+        for task in self.protocol.task:
+            out.append((task, {}, real_task_data(self.protocol, task, internal, external)))
+        return out
+
+    # ----- models -----------------------------------------------------------------------------
+
+    def _backbone(self, name: str, weights: str) -> FeatureBackbone:
+        key = (name, weights)
+        if key not in self._backbones:
+            backbone = build_backbone(name, weights)
+            backbone.eval()
+            for parameter in backbone.parameters():
+                parameter.requires_grad_(False)
+            self._backbones[key] = backbone
+            self.cam_layers[name] = backbone.cam_layer_description
+        return self._backbones[key]
+
+    def _frame(self, backbone: FeatureBackbone, crop: bool) -> FrameSpec:
+        size = self.protocol.preprocessing.input_size or int(backbone.data_config["input_size"][-1])
+        interpolation = "bicubic" if backbone.data_config.get("interpolation") == "bicubic" else "bilinear"
+        return FrameSpec(size, crop, self.protocol.preprocessing.crop_ratio, interpolation)
+
+    def _group_inputs(self, spec: ModelSpec, data: TaskData) -> GroupInputs:
+        backbone = self._backbone(spec.backbone, spec.weights)
+        frame = self._frame(backbone, spec.crop)
+        mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+        batch = self.protocol.training.batch_size
+        with self.clock.stage("preprocess"):
+            train_frames = to_frames(data.train_view, frame)
+            test_frames = train_frames if data.test_view is data.train_view else to_frames(data.test_view, frame)
+        with self.clock.stage("features"):
+            train_features = extract_features(backbone, train_frames.images, mean, std, self.accelerator, batch)
+            test_features = extract_features(backbone, test_frames.images, mean, std, self.accelerator, batch, keep_maps=True)
+        augmented_frames = augmented_features = augmented_source = None
+        if any(s.augment for s in self._group_specs(spec)):
+            with self.clock.stage("augment"):
+                augmented_source, augmented_samples = self._augmented_copies(data)
+                augmented_frames = to_frames(augmented_samples, frame)
+            with self.clock.stage("features"):
+                augmented_features = extract_features(backbone, augmented_frames.images, mean, std, self.accelerator, batch)
+        external = {}
+        for name, (samples, _) in data.external.items():
+            with self.clock.stage("preprocess"):
+                frames = to_frames(samples, frame)
+            with self.clock.stage("features"):
+                features = extract_features(backbone, frames.images, mean, std, self.accelerator, batch, keep_maps=True)
+            external[name] = (frames, features, self._occlusion(backbone, frames, mean, std))
+        return GroupInputs(
+            backbone, frame, mean, std, train_frames, test_frames, train_features, test_features,
+            augmented_frames, augmented_features, augmented_source, external, self._occlusion(backbone, test_frames, mean, std),
+        )
+
+    def _occlusion(self, backbone: FeatureBackbone, frames: Frames, mean, std) -> Occlusion | None:
+        """Filled images for the occlusion effects, made once and shared by every model."""
+        if not self.protocol.metrics.occlusion:
+            return None
+        with self.clock.stage("occlude"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            occluded = occlude(frames.images, frames.lungs, frames.artifacts, self.protocol.metrics.border_fraction)
+        for item in caught:
+            self.warning_counts[str(item.message)] += 1
+        pooled = {}
+        with self.clock.stage("features"):
+            for region in OCCLUSION_REGIONS:
+                filled = occluded.filled[region]
+                pooled[region] = (
+                    extract_features(backbone, filled, mean, std, self.accelerator, self.protocol.training.batch_size).pooled
+                    if len(filled) else torch.empty(0, backbone.num_features)
+                )
+        return Occlusion(occluded, pooled)
+
+    def _augmented_copies(self, data: TaskData) -> tuple[np.ndarray, list[Sample]]:
+        """One augmented copy per image: of the minority class (the study's mode), or of every
+        image (``online`` mode, whose frozen phase trains on cached features of these copies)."""
+        from auditbench.data.augment import AugmentConfig, augment_sample
+
+        if self.protocol.training.augment_mode == "minority_once":
+            minority = int(np.argmin(np.bincount(data.labels, minlength=2)))
+            source = np.flatnonzero(data.labels == minority)
+        else:
+            source = np.arange(len(data.labels))
+        copies = []
+        for i in source:
+            sample = data.train_view[i]
+            image, lung, artifact = augment_sample(
+                sample.image, sample.lung_mask, sample.artifact_mask, AugmentConfig(),
+                stable_seed(self.protocol.seed, "augment", sample.sample_id),
+            )
+            copies.append(dataclasses.replace(sample, sample_id=f"{sample.sample_id}#aug1", image=image, lung_mask=lung, artifact_mask=artifact))
+        return source, copies
+
+    def _group_specs(self, spec: ModelSpec) -> list[ModelSpec]:
+        return [s for s in self.specs if _group_key(s) == _group_key(spec)]
+
+    def _train(self, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> ModelFold:
+        training = self.protocol.training
+        seed = stable_seed(self.protocol.seed, spec.model_id, fold.index)
+        torch.manual_seed(seed)
+        head = Head(inputs.backbone.num_features, spec.hidden, self.protocol.models.dropout, num_classes=2)
+        train_index = fold.train
+        pooled = inputs.train_features.pooled[train_index]
+        labels = data.labels[train_index]
+        frames = inputs.train_frames.images[train_index]
+        frame_labels = labels
+        if spec.augment and inputs.augmented_source is not None:
+            in_fold = np.isin(inputs.augmented_source, train_index)
+            pooled = torch.cat([pooled, inputs.augmented_features.pooled[in_fold]])
+            labels = np.concatenate([labels, data.labels[inputs.augmented_source[in_fold]]])
+            if training.augment_mode == "minority_once":
+                frames = np.concatenate([frames, inputs.augmented_frames.images[in_fold]])
+                frame_labels = labels
+        y = torch.as_tensor(labels, dtype=torch.long)
+        val_pooled = inputs.train_features.pooled[fold.validation]
+        val_y = torch.as_tensor(data.labels[fold.validation], dtype=torch.long)
+        with self.clock.stage("train_head"):
+            train_head(head, pooled, y, val_pooled, val_y, training.head, training.batch_size, seed)
+        if not spec.finetune:
+            return ModelFold(Classifier(inputs.backbone, head), frozen=True)
+        model = Classifier(copy.deepcopy(inputs.backbone), head)
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        augment_fn = self._online_augment if spec.augment and training.augment_mode == "online" else None
+        with self.clock.stage("finetune"):
+            finetune(
+                model, frames, frame_labels, inputs.train_frames.images[fold.validation], data.labels[fold.validation],
+                inputs.mean, inputs.std, training.finetune_phase, training.batch_size, seed, self.accelerator, augment_fn,
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return ModelFold(model.cpu() if self.accelerator.device.type == "cpu" else model, frozen=False)
+
+    @staticmethod
+    def _online_augment(frames: np.ndarray, seed: int) -> np.ndarray:
+        from auditbench.data.augment import AugmentConfig, augment_sample
+
+        config = AugmentConfig()
+        return np.stack([augment_sample(image, None, None, config, seed + i)[0] for i, image in enumerate(frames)])
+
+    # ----- evaluation -------------------------------------------------------------------------
+
+    def _predict_and_explain(self, model: ModelFold, inputs: GroupInputs, frames: Frames, maps: torch.Tensor | None):
+        """p(positive) and the raw positive-class Grad-CAM, upsampled to the model frame."""
+        device = self.accelerator.device
+        head = model.classifier.head.to(device).eval()
+        size = frames.images.shape[-2:]
+        batch = self.protocol.explain.batch_size
+        probabilities, heatmaps = [], []
+        for start in range(0, len(frames), batch):
+            if model.frozen and maps is not None:
+                feature_map = maps[start : start + batch].to(device)
+            else:
+                x = normalise(frames.images[start : start + batch], inputs.mean, inputs.std).to(device)
+                with torch.no_grad(), self.accelerator.autocast():
+                    feature_map = model.classifier.backbone.to(device).eval()(x)
+                feature_map = feature_map.float()
+            cams = gradcam_from_features(head, feature_map, 1)
+            with torch.no_grad():
+                probabilities.append(torch.softmax(head(feature_map), dim=1)[:, 1].cpu())
+            heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
+        return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy()
+
+    def _probability_fn(self, model: ModelFold, inputs: GroupInputs):
+        def predict(images: np.ndarray) -> np.ndarray:
+            logits = predict_logits(model.classifier, images, inputs.mean, inputs.std, self.protocol.explain.batch_size, self.accelerator)
+            return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+        return predict
+
+    def _evaluate(
+        self, spec: ModelSpec, model: ModelFold, inputs: GroupInputs, frames: Frames, maps, occlusion: Occlusion | None,
+        labels: np.ndarray, samples: list[Sample], fold: int, split: str,
+    ) -> None:
+        with self.clock.stage("explain"):
+            p, heatmaps = self._predict_and_explain(model, inputs, frames, maps)
+        with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attention = attention_metrics(heatmaps, frames.lungs, frames.artifacts, self.protocol.metrics.border_fraction)
+            values = dict(attention.values)
+            if occlusion is not None and model.frozen:
+                head = model.classifier.head.cpu()
+                with torch.no_grad():
+                    p_occluded = {r: torch.softmax(head.forward_pooled(f), 1)[:, 1].numpy() for r, f in occlusion.pooled.items()}
+                values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
+            elif occlusion is not None:
+                values.update(occlusion_effects(self._probability_fn(model, inputs), frames.images, p_original=p, occluded=occlusion.images))
+            scores = classification_metrics(labels, p)
+        for item in caught:
+            self.warning_counts[f"{spec.model_id} fold {fold} {split}: {item.message}"] += 1
+        grid = spec.grid_row()
+        for metric in CLASSIFICATION_METRICS + COUNT_METRICS:
+            self.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": float(scores[metric])})
+        for metric, per_image in values.items():
+            finite = per_image[np.isfinite(per_image)]
+            value = float(finite.mean()) if len(finite) else float("nan")
+            self.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": value})
+        class_names = spec.task.class_names
+        prediction = (p >= 0.5).astype(int)
+        for i, sample in enumerate(samples):
+            self.image_rows.append({
+                "model_id": spec.model_id, "fold": fold, "split": split, "sample_id": sample.sample_id,
+                "source": sample.source, "patient_id": sample.patient_id, "path": sample.path,
+                "label": class_names[labels[i]], "label_index": int(labels[i]),
+                "prediction": class_names[prediction[i]], "p_positive": float(p[i]),
+                "correct": bool(prediction[i] == labels[i]), "mask_source": sample.mask_source,
+                "has_artifact": bool(frames.artifacts[i].any()),
+                **{metric: float(per_image[i]) for metric, per_image in values.items()},
+            })
+        if split == "internal":
+            self._gallery_candidates(spec, fold, values["lung_mass"], p, heatmaps, frames, labels, samples)
+
+    def _gallery_candidates(self, spec, fold, lung_mass, p, heatmaps, frames, labels, samples) -> None:
+        finite = np.flatnonzero(np.isfinite(lung_mass))
+        if not len(finite) or not self.protocol.report.gallery_per_model:
+            return
+        current = self.gallery[spec.model_id]
+        for kind, index in (("best", finite[np.argmax(lung_mass[finite])]), ("worst", finite[np.argmin(lung_mass[finite])])):
+            held = current.get(kind)
+            better = held is None or (lung_mass[index] > held.lung_mass if kind == "best" else lung_mass[index] < held.lung_mass)
+            if better:
+                current[kind] = GalleryCandidate(
+                    float(lung_mass[index]), fold, samples[index], spec.task.class_names[labels[index]], float(p[index]),
+                    frames.images[index].copy(), heatmaps[index].copy(), frames.lungs[index].copy(), frames.artifacts[index].copy(),
+                )
+
+    # ----- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = datetime.now(timezone.utc)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "protocol.resolved.yaml").write_text(dump_protocol(self.protocol), encoding="utf-8")
+        with self.clock.stage("data"):
+            task_data = self._task_data()
+        for _, _, data in task_data:
+            self.skipped.extend(s for s in data.skipped if s not in self.skipped)
+        self.n_images = sum(len(d.labels) for _, _, d in task_data)
+        folds_by_data = {
+            id(data): make_folds(data.labels, data.groups, self.protocol.training.folds, self.protocol.training.val_fraction, self.protocol.seed)
+            for _, _, data in task_data
+        }
+        total = len(self.specs) * self.protocol.training.folds
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console) as progress:
+            bar = progress.add_task("training and auditing", total=total)
+            for task, axes, data in task_data:
+                folds = folds_by_data[id(data)]
+                cell_specs = [s for s in self.specs if s.task.name == task.name and s.data_axes == axes]
+                for group_key in dict.fromkeys(_group_key(s) for s in cell_specs):
+                    group = [s for s in cell_specs if _group_key(s) == group_key]
+                    progress.update(bar, description=f"features {group[0].backbone} crop={group[0].crop}")
+                    inputs = self._group_inputs(group[0], data)
+                    for spec in group:
+                        for fold in folds:
+                            progress.update(bar, description=f"{spec.model_id} fold {fold.index}")
+                            model = self._train(spec, inputs, data, fold)
+                            test_samples = [data.test_view[i] for i in fold.test]
+                            test_maps = inputs.test_features.maps[torch.as_tensor(fold.test)]
+                            test_occlusion = inputs.test_occlusion.subset(fold.test) if inputs.test_occlusion else None
+                            self._evaluate(spec, model, inputs, inputs.test_frames.subset(fold.test), test_maps, test_occlusion,
+                                           data.labels[fold.test], test_samples, fold.index, "internal")
+                            for name, (frames, features, occluded) in inputs.external.items():
+                                samples, labels = data.external[name]
+                                self._evaluate(spec, model, inputs, frames, features.maps, occluded, labels, samples, fold.index, name)
+                            if fold.index == 0 and self.protocol.report.save_models != "none":
+                                with self.clock.stage("save"):
+                                    self._save_model(spec, model, inputs)
+                            progress.advance(bar)
+                        self._write_gallery(spec)
+        return self._finish(started)
+
+    def _save_model(self, spec: ModelSpec, model: ModelFold, inputs: GroupInputs) -> None:
+        config = {
+            "model_id": spec.model_id, "weights": spec.weights, "finetune": spec.finetune, "augment": spec.augment,
+            "task": spec.task.model_dump(), "classes": spec.task.class_names, "positive_class": spec.task.positive,
+            "fold": 0, "data_axes": spec.data_axes, "protocol": self.protocol.name, "seed": self.protocol.seed,
+            "preprocessing": {
+                "input_size": inputs.frame.input_size, "crop": inputs.frame.crop, "crop_ratio": inputs.frame.crop_ratio,
+                "interpolation": inputs.frame.interpolation, "mean": list(inputs.mean), "std": list(inputs.std),
+            },
+        }
+        save_checkpoint(model.classifier, self.out_dir / "models" / spec.model_id, config)
+
+    def _write_gallery(self, spec: ModelSpec) -> None:
+        folder = self.out_dir / "gallery"
+        folder.mkdir(exist_ok=True)
+        for kind, candidate in self.gallery.pop(spec.model_id, {}).items():
+            file = f"{_safe_name(spec.model_id)}__{kind}.png"
+            (folder / file).write_bytes(overlay_png(candidate.image, candidate.heatmap, candidate.lung, candidate.artifact))
+            self._gallery_rows.append({
+                "model_id": spec.model_id, "sample_id": candidate.sample.sample_id, "fold": candidate.fold, "kind": kind,
+                "lung_mass": candidate.lung_mass, "p_positive": candidate.p_positive, "label": candidate.label, "file": f"gallery/{file}",
+            })
+
+    def _finish(self, started: datetime) -> dict:
+        with self.clock.stage("select"):
+            results = pd.DataFrame(self.results_rows)
+            models = aggregate_models(results, self.specs, self.protocol.training.folds)
+            rule = SelectionRule(
+                primary=self.protocol.selection.primary,
+                constraints=[Constraint(metric, c.min, c.max) for metric, c in self.protocol.selection.constraints.items()],
+                pareto=tuple(self.protocol.selection.pareto),
+            )
+            models = rank_models(models, rule)
+            selected = models.loc[models["selected"], "model_id"]
+            selected_id = str(selected.iloc[0]) if len(selected) else None
+            validation = self._validation(models)
+        with self.clock.stage("report"):
+            results.to_csv(self.out_dir / "results.csv", index=False)
+            models.to_csv(self.out_dir / "models.csv", index=False)
+            pd.DataFrame(self.image_rows).to_csv(self.out_dir / "images.csv", index=False)
+            pd.DataFrame(self._gallery_rows, columns=["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]).to_csv(
+                self.out_dir / "gallery.csv", index=False
+            )
+            pd.DataFrame([vars(s) for s in self.skipped], columns=["path", "reason", "source"]).to_csv(self.out_dir / "skipped.csv", index=False)
+            if validation is not None:
+                validation.to_csv(self.out_dir / "validation.csv", index=False)
+            self._prune_models(selected_id)
+            summary = self._summary(started, selected_id, rule)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+            if self.protocol.report.html:
+                from auditbench.report.html import render_report
+
+                render_report(self.out_dir)
+        summary["stage_seconds"] = {k: round(v, 2) for k, v in self.clock.seconds.items()}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        return summary
+
+    def _validation(self, models: pd.DataFrame) -> pd.DataFrame | None:
+        """Known-answer check of the audit itself: models that could learn the synthetic shortcut
+        (trained with strength > 0 and no crop, which would remove the artifacts) vs the rest."""
+        if "shortcut_strength" not in models:
+            self.notes.append("No validation table: only synthetic data has a known answer (which models use a shortcut).")
+            return None
+        is_shortcut = (models["shortcut_strength"] > 0) & ~models["crop"].astype(bool)
+        if is_shortcut.all() or not is_shortcut.any():
+            self.notes.append("No validation table: the grid has no pair of shortcut-trained and clean models.")
+            return None
+        metrics = [m for m in ATTENTION_METRICS + OCCLUSION_METRICS if f"{m}_mean" in models]
+        return metric_separation(models, is_shortcut, metrics)
+
+    def _prune_models(self, selected_id: str | None) -> None:
+        folder = self.out_dir / "models"
+        if self.protocol.report.save_models != "selected" or not folder.exists():
+            return
+        for path in folder.iterdir():
+            if path.name != selected_id:
+                shutil.rmtree(path)
+
+    def _summary(self, started: datetime, selected_id: str | None, rule: SelectionRule) -> dict:
+        not_applicable = [
+            m for m in OCCLUSION_METRICS + ATTENTION_METRICS
+            if m in self.protocol.selection.constraints and METRICS.get(m).not_applicable_when_undefined
+        ]
+        if not_applicable:
+            self.notes.append(
+                f"Constraints on {', '.join(not_applicable)} count as met for models where no artifact is in view "
+                "(for example after the crop): the metric is not applicable there."
+            )
+        if self.skipped:
+            self.notes.append(f"{len(self.skipped)} files could not be read and were skipped (skipped.csv).")
+        self.notes.append("Checkpoints are the models trained on fold 0; metrics are over all folds.")
+        return {
+            "name": self.protocol.name,
+            "seed": self.protocol.seed,
+            "selected_model": selected_id,
+            "selection": {
+                "primary": rule.primary,
+                "constraints": {c.metric: {"min": c.min, "max": c.max} for c in rule.constraints},
+                "pareto": list(rule.pareto),
+            },
+            "metric_directions": {name: "higher" if info.higher_is_better else "lower" for name, info in METRICS.items()},
+            "n_models": len(self.specs),
+            "n_images": self.n_images,
+            "n_skipped": len(self.skipped),
+            "warnings": dict(self.warning_counts),
+            "notes": self.notes,
+            "cam_layers": self.cam_layers,
+            "device": self.accelerator.describe(),
+            "package_versions": _versions(),
+            "platform": platform.platform(),
+            "stage_seconds": {k: round(v, 2) for k, v in self.clock.seconds.items()},
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "auditbench_version": _versions().get("auditbench", "unknown"),
+        }
+
+
+def _group_key(spec: ModelSpec) -> tuple:
+    return (spec.task.name, tuple(sorted(spec.data_axes.items())), spec.backbone, spec.weights, spec.crop)
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def aggregate_models(results: pd.DataFrame, specs: list[ModelSpec], n_folds: int) -> pd.DataFrame:
+    """models.csv: one row per model, mean and std over folds of every internal-split metric."""
+    internal = results[results["split"] == "internal"]
+    stats = internal.groupby(["model_id", "metric"])["value"].agg(["mean", "std"]).unstack("metric")
+    stats.columns = [f"{metric}_{stat}" for stat, metric in stats.columns]
+    ordered = sorted(stats.columns, key=lambda c: (c.rsplit("_", 1)[0], c.endswith("_std")))
+    grid = pd.DataFrame([s.grid_row() for s in specs]).set_index("model_id")
+    grid["n_folds"] = n_folds
+    return grid.join(stats[ordered]).reset_index()
+
+
+def run_protocol(protocol: Protocol, out_dir: Path, base_dir: Path | None = None, console: Console | None = None) -> dict:
+    """Run a validated protocol and write every output into ``out_dir`` (docs/tables.md)."""
+    return Runner(protocol, Path(out_dir), Path(base_dir or Path.cwd()), console).run()

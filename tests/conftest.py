@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Deterministic, and fair to a 2-core CI machine.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real chest X-ray samples); tests that need it skip, saying why, without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real chest X-ray samples not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA
