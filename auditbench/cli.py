@@ -67,7 +67,7 @@ def run(
 ) -> None:
     """Train the grid, explain, audit, rank and write CSV, JSON and HTML reports."""
     from auditbench.data.records import DataError
-    from auditbench.models.backbones import WeightsUnavailableError
+    from auditbench.models.backbones import WeightsFileError, WeightsUnavailableError
     from auditbench.registry import UnknownNameError
     from auditbench.run import run_protocol
 
@@ -75,7 +75,7 @@ def run(
     out_dir = out or Path("reports") / resolved.name
     try:
         summary = run_protocol(resolved, out_dir, Path.cwd(), err_console)
-    except (DataError, WeightsUnavailableError, UnknownNameError) as error:
+    except (DataError, WeightsUnavailableError, WeightsFileError, UnknownNameError) as error:
         raise _fail(str(error)) from None
     selected = summary["selected_model"] or "[bold red]none: no model meets the selection constraints[/]"
     console.print(f"selected model: {selected}")
@@ -131,10 +131,7 @@ def check(
     for model_id, metric in result.not_applicable:
         console.print(f"[yellow]n/a[/] {model_id}: {metric} is not applicable (no artifact in view); counted as met", highlight=False)
     for failure in result.failures:
-        console.print(
-            f"[red]FAIL[/] {failure.model_id}: {failure.metric} = {failure.value} (threshold: {failure.bound} {failure.threshold})",
-            highlight=False,
-        )
+        console.print(f"[red]FAIL[/] {failure}", highlight=False)
     if result.passed:
         console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {len(thresholds)} threshold(s)")
         raise typer.Exit(EXIT_OK)

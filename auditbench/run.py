@@ -165,6 +165,8 @@ class Runner:
     def _backbone(self, name: str, weights: str) -> FeatureBackbone:
         key = (name, weights)
         if key not in self._backbones:
+            # Random initialisation (weights: none) must not depend on what ran before in the process.
+            torch.manual_seed(stable_seed(self.protocol.seed, "backbone", name, weights))
             backbone = build_backbone(name, weights)
             backbone.eval()
             for parameter in backbone.parameters():

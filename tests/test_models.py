@@ -14,6 +14,7 @@ from skimage import data
 
 from auditbench.models.backbones import (
     BACKBONES,
+    WeightsFileError,
     WeightsUnavailableError,
     build_backbone,
     find_cam_level,
@@ -133,7 +134,7 @@ def test_weights_file_loads_into_the_feature_map(tmp_path, name, suffix):
 
 def test_weights_file_errors_name_the_file(tmp_path):
     missing = tmp_path / "absent.safetensors"
-    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+    with pytest.raises(WeightsFileError, match="absent.safetensors"):
         build_backbone("resnet10t", weights=str(missing))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")

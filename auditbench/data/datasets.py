@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -122,11 +121,8 @@ def require_samples(dataset: str, root: Path, samples: list[Sample], skipped: li
 
 
 def _register_builtin() -> None:
-    for module in ("ieee8023", "kermany", "manifest"):
+    for module in ("ieee8023", "kermany", "manifest", "shenzhen_montgomery"):
         importlib.import_module(f"auditbench.data.{module}")
-    # The synthetic data set's module registers itself when it exists; it is optional here.
-    if importlib.util.find_spec("auditbench.data.synthetic") is not None:
-        importlib.import_module("auditbench.data.synthetic")
 
 
 _register_builtin()

@@ -26,6 +26,10 @@ class WeightsUnavailableError(RuntimeError):
     """ImageNet weights were asked for but timm could not obtain them (no network, no cache)."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is missing, unreadable or does not fit the backbone; names the file."""
+
+
 @dataclass(frozen=True)
 class BackboneEntry:
     """A registered backbone: timm model name (with weight tag) and how its ImageNet weights load.
@@ -205,18 +209,18 @@ def _create_timm_imagenet(entry: BackboneEntry, create: Callable[..., nn.Module]
 def load_weights_file(path: Path) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or ``.pth`` / ``.pt`` (``torch.load(weights_only=True)``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (weights must be 'imagenet', 'none' or a file)")
+        raise WeightsFileError(f"weights file not found: {path} (weights must be 'imagenet', 'none' or a file)")
     if path.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ValueError(f"weights file {path}: expected .safetensors, .pth or .pt")
+        raise WeightsFileError(f"weights file {path}: expected .safetensors, .pth or .pt")
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable or corrupt: report which file, keep the cause
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
+        raise WeightsFileError(f"cannot read weights file {path}: {err}") from err
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path}: expected a state dict (name -> tensor) of the full timm model")
+        raise WeightsFileError(f"weights file {path}: expected a state dict (name -> tensor) of the full timm model")
     return dict(state)
 
 
@@ -225,4 +229,4 @@ def _load_full_model(model: nn.Module, path: Path, entry: BackboneEntry) -> None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"weights file {path} does not fit timm model {entry.timm_name!r}: {err}") from err
+        raise WeightsFileError(f"weights file {path} does not fit timm model {entry.timm_name!r}: {err}") from err

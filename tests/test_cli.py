@@ -1,0 +1,94 @@
+"""The command line through typer's runner, on a tiny run that takes seconds."""
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from auditbench.cli import app
+from conftest import REPO
+
+runner = CliRunner()
+
+TINY = [
+    "--set", "models.backbones=[{name: resnet10t, weights: none}]",
+    "--set", "data.synthetic.n_images=48",
+    "--set", "data.synthetic.image_size=64",
+    "--set", "preprocessing.input_size=64",
+    "--set", "training.finetune=[false, true]",
+    "--set", "training.finetune_phase.max_epochs=1",
+    "--set", "preprocessing.crop=[false]",
+    "--set", "selection.constraints={}",
+    "--set", "report.save_models=all",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_writes_outputs_and_is_deterministic(tiny_run, tmp_path):
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    first, second = pd.read_csv(tiny_run / "results.csv"), pd.read_csv(again / "results.csv")
+    pd.testing.assert_frame_equal(first, second)
+    assert len(list((tiny_run / "models").iterdir())) == 4  # save_models: all
+
+
+def test_validate_prints_the_grid():
+    result = runner.invoke(app, ["validate", str(REPO / "protocols" / "quick.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "16 models x 2 folds" in result.output
+    assert "efficientnet_lite0-frozen-full-ss1" in result.output
+
+
+def test_validate_bad_protocol_exits_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text((REPO / "protocols" / "quick.yaml").read_text().replace("folds: 2", "fold: 2"))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "did you mean 'folds'" in result.output
+
+
+def test_check_exit_codes(tiny_run):
+    def check(*args):
+        return runner.invoke(app, ["check", str(tiny_run), "--all-models", *args])
+
+    assert check("--min-accuracy", "0").exit_code == 0
+    failing = check("--min-accuracy", "1.01")
+    assert failing.exit_code == 1
+    assert "accuracy" in failing.output and "1.01" in failing.output
+    assert check("--max", "border_occlusion_effect=1").exit_code == 0
+    unknown = check("--min", "lung_mas=0.5")
+    assert unknown.exit_code == 2 and "lung_mass" in unknown.output
+    assert runner.invoke(app, ["check", str(tiny_run / "missing"), "--min-accuracy", "0"]).exit_code == 2
+    assert check().exit_code == 2  # no thresholds: nothing to gate on
+
+
+def test_report_re_renders_from_tables(tiny_run):
+    html = tiny_run / "report.html"
+    html.unlink()
+    result = runner.invoke(app, ["report", str(tiny_run)])
+    assert result.exit_code == 0, result.output
+    assert html.is_file() and "resnet10t" in html.read_text()
+
+
+def test_checkpoint_loads_back_for_prediction_and_gradcam(tiny_run):
+    import numpy as np
+    import torch
+
+    from auditbench.data.transforms import normalise
+    from auditbench.explain.gradcam import GradCAM
+    from auditbench.models.checkpoint import load_checkpoint
+
+    model_dir = next((tiny_run / "models").iterdir())
+    model, config = load_checkpoint(model_dir)
+    size = config["preprocessing"]["input_size"]
+    x = normalise(np.random.default_rng(0).random((2, size, size), dtype=np.float32),
+                  config["preprocessing"]["mean"], config["preprocessing"]["std"])
+    result = GradCAM(model)(x, 1)
+    assert result.maps.shape == (2, size, size)
+    assert torch.all(result.maps >= 0)
