@@ -31,11 +31,15 @@ def _fail(message: str) -> typer.Exit:
 
 def _load(protocol: Path, overrides: list[str]):
     from auditbench.protocol.loader import ProtocolError, load_protocol
+    from auditbench.protocol.names import check_registered_names
+    from auditbench.registry import UnknownNameError
 
     try:
-        return load_protocol(protocol, overrides)
-    except ProtocolError as error:
-        raise _fail(str(error)) from None
+        resolved = load_protocol(protocol, overrides)
+        check_registered_names(resolved)
+    except (ProtocolError, UnknownNameError) as error:
+        raise _fail(f"{protocol}: {error}" if isinstance(error, UnknownNameError) else str(error)) from None
+    return resolved
 
 
 SetOption = typer.Option([], "--set", help="Override a protocol field: dotted.key=value (value parsed as YAML). Repeatable.")

@@ -29,12 +29,13 @@ from auditbench.data.prepare import Frames, TaskData, fill_missing_masks, load_s
 from auditbench.data.records import LoadedDataset, Sample
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
-from auditbench.explain.gradcam import CAM_METHODS, gradcam_from_features, upsample_cams
+from auditbench.explain.gradcam import CAM_METHODS, upsample_cams
 from auditbench.models.backbones import FeatureBackbone, build_backbone
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.models.classifier import Classifier, Head
 from auditbench.protocol.grid import ModelSpec, data_axes, expand_grid
 from auditbench.protocol.loader import dump_protocol
+from auditbench.protocol.names import check_registered_names
 from auditbench.protocol.schema import Protocol, TaskSpec
 from auditbench.report.overlays import overlay_png
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
@@ -138,8 +139,10 @@ class Runner:
         self.skipped = []
         self.n_images = 0
         self._gallery_rows: list[dict] = []
+        self._augmented: dict[int, tuple[Sample, Sample]] = {}
         self._backbones: dict[tuple[str, str], FeatureBackbone] = {}
-        CAM_METHODS.get(protocol.explain.method)
+        check_registered_names(protocol)
+        self.cam = CAM_METHODS.get(protocol.explain.method)
 
     # ----- data -------------------------------------------------------------------------------
 
@@ -180,54 +183,19 @@ class Runner:
         interpolation = "bicubic" if backbone.data_config.get("interpolation") == "bicubic" else "bilinear"
         return FrameSpec(size, crop, self.protocol.preprocessing.crop_ratio, interpolation)
 
-    def _group_inputs(self, spec: ModelSpec, data: TaskData) -> GroupInputs:
-        backbone = self._backbone(spec.backbone, spec.weights)
-        frame = self._frame(backbone, spec.crop)
-        mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-        batch = self.protocol.training.batch_size
-        with self.clock.stage("preprocess"):
-            train_frames = to_frames(data.train_view, frame)
-            test_frames = train_frames if data.test_view is data.train_view else to_frames(data.test_view, frame)
-        with self.clock.stage("features"):
-            train_features = extract_features(backbone, train_frames.images, mean, std, self.accelerator, batch)
-            test_features = extract_features(backbone, test_frames.images, mean, std, self.accelerator, batch, keep_maps=True)
+    def _group_inputs(self, spec: ModelSpec, data: TaskData, cache: "SampleCache") -> GroupInputs:
+        # Test view first: where it is the training view too (real data), one pass serves both.
+        test_frames, test_features, test_occlusion = cache.get(data.test_view, keep_maps=True, occlusion=True)
+        train_frames, train_features, _ = cache.get(data.train_view, keep_maps=False, occlusion=False)
         augmented_frames = augmented_features = augmented_source = None
         if any(s.augment for s in self._group_specs(spec)):
-            with self.clock.stage("augment"):
-                augmented_source, augmented_samples = self._augmented_copies(data)
-                augmented_frames = to_frames(augmented_samples, frame)
-            with self.clock.stage("features"):
-                augmented_features = extract_features(backbone, augmented_frames.images, mean, std, self.accelerator, batch)
-        external = {}
-        for name, (samples, _) in data.external.items():
-            with self.clock.stage("preprocess"):
-                frames = to_frames(samples, frame)
-            with self.clock.stage("features"):
-                features = extract_features(backbone, frames.images, mean, std, self.accelerator, batch, keep_maps=True)
-            external[name] = (frames, features, self._occlusion(backbone, frames, mean, std))
+            augmented_source, augmented_samples = self._augmented_copies(data)
+            augmented_frames, augmented_features, _ = cache.get(augmented_samples, keep_maps=False, occlusion=False)
+        external = {name: cache.get(samples, keep_maps=True, occlusion=True) for name, (samples, _) in data.external.items()}
         return GroupInputs(
-            backbone, frame, mean, std, train_frames, test_frames, train_features, test_features,
-            augmented_frames, augmented_features, augmented_source, external, self._occlusion(backbone, test_frames, mean, std),
+            cache.backbone, cache.frame, cache.mean, cache.std, train_frames, test_frames, train_features, test_features,
+            augmented_frames, augmented_features, augmented_source, external, test_occlusion,
         )
-
-    def _occlusion(self, backbone: FeatureBackbone, frames: Frames, mean, std) -> Occlusion | None:
-        """Filled images for the occlusion effects, made once and shared by every model."""
-        if not self.protocol.metrics.occlusion:
-            return None
-        with self.clock.stage("occlude"), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            occluded = occlude(frames.images, frames.lungs, frames.artifacts, self.protocol.metrics.border_fraction)
-        for item in caught:
-            self.warning_counts[str(item.message)] += 1
-        pooled = {}
-        with self.clock.stage("features"):
-            for region in OCCLUSION_REGIONS:
-                filled = occluded.filled[region]
-                pooled[region] = (
-                    extract_features(backbone, filled, mean, std, self.accelerator, self.protocol.training.batch_size).pooled
-                    if len(filled) else torch.empty(0, backbone.num_features)
-                )
-        return Occlusion(occluded, pooled)
 
     def _augmented_copies(self, data: TaskData) -> tuple[np.ndarray, list[Sample]]:
         """One augmented copy per image: of the minority class (the study's mode), or of every
@@ -242,11 +210,17 @@ class Runner:
         copies = []
         for i in source:
             sample = data.train_view[i]
-            image, lung, artifact = augment_sample(
-                sample.image, sample.lung_mask, sample.artifact_mask, AugmentConfig(),
-                stable_seed(self.protocol.seed, "augment", sample.sample_id),
-            )
-            copies.append(dataclasses.replace(sample, sample_id=f"{sample.sample_id}#aug1", image=image, lung_mask=lung, artifact_mask=artifact))
+            held = self._augmented.get(id(sample))
+            if held is None or held[0] is not sample:
+                image, lung, artifact = augment_sample(
+                    sample.image, sample.lung_mask, sample.artifact_mask, AugmentConfig(),
+                    stable_seed(self.protocol.seed, "augment", sample.sample_id),
+                )
+                augmented = dataclasses.replace(
+                    sample, sample_id=f"{sample.sample_id}#aug1", image=image, lung_mask=lung, artifact_mask=artifact
+                )
+                held = self._augmented[id(sample)] = (sample, augmented)
+            copies.append(held[1])
         return source, copies
 
     def _group_specs(self, spec: ModelSpec) -> list[ModelSpec]:
@@ -313,7 +287,7 @@ class Runner:
                 with torch.no_grad(), self.accelerator.autocast():
                     feature_map = model.classifier.backbone.to(device).eval()(x)
                 feature_map = feature_map.float()
-            cams = gradcam_from_features(head, feature_map, 1)
+            cams = self.cam(head, feature_map, 1)
             with torch.no_grad():
                 probabilities.append(torch.softmax(head(feature_map), dim=1)[:, 1].cpu())
             heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
@@ -401,31 +375,41 @@ class Runner:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console) as progress:
             bar = progress.add_task("training and auditing", total=total)
-            for task, axes, data in task_data:
-                folds = folds_by_data[id(data)]
-                cell_specs = [s for s in self.specs if s.task.name == task.name and s.data_axes == axes]
-                for group_key in dict.fromkeys(_group_key(s) for s in cell_specs):
-                    group = [s for s in cell_specs if _group_key(s) == group_key]
+            # Backbone and frame outermost: each sample's features are computed once for all tasks.
+            for backbone_key in dict.fromkeys((s.backbone, s.weights, s.crop) for s in self.specs):
+                cache = self._sample_cache(*backbone_key)
+                for task, axes, data in task_data:
+                    group = [s for s in self.specs if s.task.name == task.name and s.data_axes == axes
+                             and (s.backbone, s.weights, s.crop) == backbone_key]
+                    if not group:
+                        continue
                     progress.update(bar, description=f"features {group[0].backbone} crop={group[0].crop}")
-                    inputs = self._group_inputs(group[0], data)
+                    inputs = self._group_inputs(group[0], data, cache)
                     for spec in group:
-                        for fold in folds:
+                        for fold in folds_by_data[id(data)]:
                             progress.update(bar, description=f"{spec.model_id} fold {fold.index}")
-                            model = self._train(spec, inputs, data, fold)
-                            test_samples = [data.test_view[i] for i in fold.test]
-                            test_maps = inputs.test_features.maps[torch.as_tensor(fold.test)]
-                            test_occlusion = inputs.test_occlusion.subset(fold.test) if inputs.test_occlusion else None
-                            self._evaluate(spec, model, inputs, inputs.test_frames.subset(fold.test), test_maps, test_occlusion,
-                                           data.labels[fold.test], test_samples, fold.index, "internal")
-                            for name, (frames, features, occluded) in inputs.external.items():
-                                samples, labels = data.external[name]
-                                self._evaluate(spec, model, inputs, frames, features.maps, occluded, labels, samples, fold.index, name)
-                            if fold.index == 0 and self.protocol.report.save_models != "none":
-                                with self.clock.stage("save"):
-                                    self._save_model(spec, model, inputs)
+                            self._train_and_evaluate(spec, inputs, data, fold)
                             progress.advance(bar)
                         self._write_gallery(spec)
         return self._finish(started)
+
+    def _train_and_evaluate(self, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> None:
+        model = self._train(spec, inputs, data, fold)
+        test_samples = [data.test_view[i] for i in fold.test]
+        test_maps = inputs.test_features.maps[torch.as_tensor(fold.test)]
+        test_occlusion = inputs.test_occlusion.subset(fold.test) if inputs.test_occlusion else None
+        self._evaluate(spec, model, inputs, inputs.test_frames.subset(fold.test), test_maps, test_occlusion,
+                       data.labels[fold.test], test_samples, fold.index, "internal")
+        for name, (frames, features, occlusion) in inputs.external.items():
+            samples, labels = data.external[name]
+            self._evaluate(spec, model, inputs, frames, features.maps, occlusion, labels, samples, fold.index, name)
+        if fold.index == 0 and self.protocol.report.save_models != "none":
+            with self.clock.stage("save"):
+                self._save_model(spec, model, inputs)
+
+    def _sample_cache(self, name: str, weights: str, crop: bool) -> "SampleCache":
+        backbone = self._backbone(name, weights)
+        return SampleCache(self, backbone, self._frame(backbone, crop))
 
     def _save_model(self, spec: ModelSpec, model: ModelFold, inputs: GroupInputs) -> None:
         config = {
@@ -463,6 +447,7 @@ class Runner:
             selected = models.loc[models["selected"], "model_id"]
             selected_id = str(selected.iloc[0]) if len(selected) else None
             validation = self._validation(models)
+            self.notes.extend(external_findings(results, models))
         with self.clock.stage("report"):
             results.to_csv(self.out_dir / "results.csv", index=False)
             models.to_csv(self.out_dir / "models.csv", index=False)
@@ -544,6 +529,96 @@ class Runner:
         }
 
 
+@dataclass
+class _CachedSample:
+    sample: Sample
+    frames: Frames  # this one image
+    pooled: torch.Tensor  # (1, C)
+    feature_map: torch.Tensor | None  # (1, C, h, w)
+    occluded: dict[str, tuple[np.ndarray, torch.Tensor]] | None  # region -> (filled image, pooled (1, C))
+
+
+class SampleCache:
+    """Frames, backbone features and occluded copies per sample for one backbone and model frame,
+    computed once and shared by every task and fold that holds the same Sample object."""
+
+    def __init__(self, runner: Runner, backbone: FeatureBackbone, frame: FrameSpec):
+        self.runner = runner
+        self.backbone = backbone
+        self.frame = frame
+        self.mean, self.std = backbone.data_config["mean"], backbone.data_config["std"]
+        self._entries: dict[int, _CachedSample] = {}
+
+    def get(self, samples: list[Sample], keep_maps: bool, occlusion: bool) -> tuple[Frames, CachedFeatures, Occlusion | None]:
+        occlusion = occlusion and self.runner.protocol.metrics.occlusion
+        missing = [s for s in samples if not self._usable(s, keep_maps, occlusion)]
+        if missing:
+            self._compute(missing, keep_maps, occlusion)
+        entries = [self._entries[id(s)] for s in samples]
+        frames = Frames(*(np.concatenate([getattr(e.frames, f) for e in entries]) for f in ("images", "lungs", "artifacts")))
+        features = CachedFeatures(
+            torch.cat([e.pooled for e in entries]),
+            torch.cat([e.feature_map for e in entries]) if keep_maps else None,
+        )
+        if not occlusion:
+            return frames, features, None
+        indices = {r: np.array([i for i, e in enumerate(entries) if r in e.occluded], dtype=int) for r in OCCLUSION_REGIONS}
+        shape = frames.images.shape[1:]
+        filled = {
+            r: np.stack([entries[i].occluded[r][0] for i in idx]) if len(idx) else np.empty((0, *shape), np.float32)
+            for r, idx in indices.items()
+        }
+        pooled = {
+            r: torch.cat([entries[i].occluded[r][1] for i in idx]) if len(idx) else torch.empty(0, self.backbone.num_features)
+            for r, idx in indices.items()
+        }
+        return frames, features, Occlusion(OccludedImages(len(entries), indices, filled), pooled)
+
+    def _usable(self, sample: Sample, keep_maps: bool, occlusion: bool) -> bool:
+        entry = self._entries.get(id(sample))
+        return (
+            entry is not None
+            and entry.sample is sample  # an id can be reused once its object is gone
+            and (not keep_maps or entry.feature_map is not None)
+            and (not occlusion or entry.occluded is not None)
+        )
+
+    def _features(self, images: np.ndarray, keep_maps: bool) -> CachedFeatures:
+        runner = self.runner
+        with runner.clock.stage("features"):
+            return extract_features(
+                self.backbone, images, self.mean, self.std, runner.accelerator,
+                runner.protocol.training.batch_size, keep_maps=keep_maps,
+            )
+
+    def _compute(self, samples: list[Sample], keep_maps: bool, occlusion: bool) -> None:
+        runner = self.runner
+        with runner.clock.stage("preprocess"):
+            frames = to_frames(samples, self.frame)
+        features = self._features(frames.images, keep_maps)
+        per_sample: list[dict] = [{} for _ in samples]
+        if occlusion:
+            with runner.clock.stage("occlude"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                occluded = occlude(frames.images, frames.lungs, frames.artifacts, runner.protocol.metrics.border_fraction)
+            for item in caught:
+                runner.warning_counts[str(item.message)] += 1
+            for region in OCCLUSION_REGIONS:
+                filled = occluded.filled[region]
+                if len(filled):
+                    pooled = self._features(filled, keep_maps=False).pooled
+                    for row, i in enumerate(occluded.indices[region]):
+                        per_sample[i][region] = (filled[row], pooled[row : row + 1])
+        for i, sample in enumerate(samples):
+            self._entries[id(sample)] = _CachedSample(
+                sample,
+                frames.subset(np.array([i])),
+                features.pooled[i : i + 1],
+                features.maps[i : i + 1] if keep_maps else None,
+                per_sample[i] if occlusion else None,
+            )
+
+
 def _group_key(spec: ModelSpec) -> tuple:
     return (spec.task.name, tuple(sorted(spec.data_axes.items())), spec.backbone, spec.weights, spec.crop)
 
@@ -560,6 +635,29 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def external_findings(results: pd.DataFrame, models: pd.DataFrame) -> list[str]:
+    """One line per external set for the top-ranked model: internal vs external accuracy and the
+    share of external images called positive (a model 99% accurate inside that calls healthy
+    external images COVID is the audit's most important finding)."""
+    external = results[results["split"] != "internal"]
+    if external.empty:
+        return []
+    lines = []
+    for model_id in models.sort_values("rank")["model_id"].head(1):
+        internal_accuracy = models.set_index("model_id").loc[model_id, "accuracy_mean"]
+        for split, rows in external[external["model_id"] == model_id].groupby("split"):
+            by_metric = rows.groupby("metric")["value"].sum()
+            n = by_metric[["tn", "fp", "fn", "tp"]].sum()
+            called_positive = (by_metric["fp"] + by_metric["tp"]) / n
+            accuracy = rows.loc[rows["metric"] == "accuracy", "value"].mean()
+            lines.append(
+                f"External set {split!r}: the top-ranked model {model_id} has accuracy {accuracy:.3f} there "
+                f"vs {internal_accuracy:.3f} on the internal test split, and calls {called_positive:.0%} of its "
+                "images the positive class."
+            )
+    return lines
 
 
 def aggregate_models(results: pd.DataFrame, specs: list[ModelSpec], n_folds: int) -> pd.DataFrame:

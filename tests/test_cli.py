@@ -92,3 +92,9 @@ def test_checkpoint_loads_back_for_prediction_and_gradcam(tiny_run):
     result = GradCAM(model)(x, 1)
     assert result.maps.shape == (2, size, size)
     assert torch.all(result.maps >= 0)
+
+
+def test_validate_unknown_backbone_suggests_names():
+    result = runner.invoke(app, ["validate", str(REPO / "protocols" / "quick.yaml"), "--set", "models.backbones=[efficientnet_lite]"])
+    assert result.exit_code == 2
+    assert "models.backbones[0].name" in result.output and "efficientnet_lite0" in result.output

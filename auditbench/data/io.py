@@ -28,6 +28,15 @@ class ImageReadError(Exception):
         self.reason = reason
 
 
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    return path
+
+
 def read_xray(path: str | Path, max_side: int | None = 512) -> np.ndarray:
     """Read an X-ray as float32 greyscale in [0, 1], shape (H, W), longest side <= ``max_side``.
 
@@ -38,11 +47,7 @@ def read_xray(path: str | Path, max_side: int | None = 512) -> np.ndarray:
     decoder). Raises :class:`ImageReadError` for missing, empty, corrupt, truncated or too small
     (< 32 px on a side) files. ``max_side=None`` keeps the full size.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
+    path = _existing_file(path)
     try:
         image, bit_depth = _decode(path, max_side)
     except ImageReadError:
@@ -143,11 +148,7 @@ def _downsample(array: np.ndarray, max_side: int) -> np.ndarray:
 
 def _read_label_image(path: str | Path, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """A mask file's raw values nearest-resized to ``shape``, and whether they are palette indices."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
+    path = _existing_file(path)
     try:
         with Image.open(path) as image:
             upright = ImageOps.exif_transpose(image)

@@ -1,0 +1,32 @@
+"""Check every registry name a protocol uses before anything runs, with suggestions."""
+from __future__ import annotations
+
+from auditbench.protocol.schema import Protocol
+from auditbench.registry import UnknownNameError
+
+
+def check_registered_names(protocol: Protocol) -> None:
+    """Raise :class:`UnknownNameError` naming the protocol field of the first unknown name."""
+    from auditbench.audit.metrics import METRICS
+    from auditbench.data.datasets import DATASETS
+    from auditbench.explain.gradcam import CAM_METHODS
+    from auditbench.masks.lungseg import SEGMENTERS
+    from auditbench.models.backbones import resolve_backbone
+
+    checks = [(f"models.backbones[{i}].name", resolve_backbone, b.name) for i, b in enumerate(protocol.models.backbones)]
+    checks += [(f"data.sources[{i}].dataset", DATASETS.get, s.dataset) for i, s in enumerate(protocol.data.sources)]
+    checks += [
+        (f"data.external[{i}].sources[{j}].dataset", DATASETS.get, s.dataset)
+        for i, ext in enumerate(protocol.data.external)
+        for j, s in enumerate(ext.sources)
+    ]
+    checks += [("explain.method", CAM_METHODS.get, protocol.explain.method), ("selection.primary", METRICS.get, protocol.selection.primary)]
+    checks += [(f"selection.constraints.{m}", METRICS.get, m) for m in protocol.selection.constraints]
+    checks += [("selection.pareto", METRICS.get, m) for m in protocol.selection.pareto]
+    if protocol.data.dataset == "sources":
+        checks.append(("data.masks.lung_model", SEGMENTERS.get, protocol.data.masks.lung_model))
+    for field, lookup, name in checks:
+        try:
+            lookup(name)
+        except UnknownNameError as error:
+            raise UnknownNameError(f"{field}: {error}") from None

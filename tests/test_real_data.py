@@ -1,0 +1,81 @@
+"""The study's protocol on the real samples in ../shared/data (skipped, saying why, without them)."""
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from auditbench.cli import app
+from conftest import REPO
+
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def real_run(shared_data, tmp_path_factory):
+    """paper.yaml restricted by --set to what a CPU does in about a minute."""
+    out = tmp_path_factory.mktemp("paper_cpu")
+    args = [
+        "run", str(REPO / "protocols" / "paper.yaml"), "--out", str(out),
+        "--set", f"data.root={shared_data}",
+        "--set", "data.sources=[{dataset: ieee8023, root: ieee8023-covid-chestxray},"
+                 " {dataset: kermany, root: kermany-chest-xray-224, options: {splits: [test]}}]",
+        "--set", "data.external=[{name: adult-normal, sources: [{dataset: shenzhen_montgomery,"
+                 " root: lung-masks-shenzhen-montgomery-256, options: {labels: [normal]}}]}]",
+        "--set", "data.max_side=256",
+        "--set", "task=[covid_vs_non_covid]",
+        "--set", "models.backbones=[efficientnet_lite0]",
+        "--set", "models.hidden=[256]",
+        "--set", "training.finetune=[false]",
+        "--set", "training.augment=[false]",
+        "--set", "training.folds=2",
+        "--set", "preprocessing.input_size=128",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_real_run_reports_masks_crop_and_external(real_run):
+    images = pd.read_csv(real_run / "images.csv")
+    internal = images[images["split"] == "internal"]
+    # Kermany has no lung masks: the shipped U-Net predicted them; ieee8023 brings V7/lungVAE masks.
+    sources = internal.groupby("source")["mask_source"].agg(set)
+    assert sources["kermany"] == {"predicted"}
+    assert "dataset-v7" in sources["ieee8023"]
+    external = images[images["split"] == "adult-normal"]
+    assert len(external) > 0 and set(external["label"]) == {"non_covid"}
+    results = pd.read_csv(real_run / "results.csv")
+    assert set(results["split"]) == {"internal", "adult-normal"}
+    models = pd.read_csv(real_run / "models.csv")
+    assert set(models["crop"]) == {True, False}
+    for metric in ["accuracy", "lung_mass", "border_mass", "artifact_mass"]:
+        assert models[f"{metric}_mean"].notna().any()
+    html = (real_run / "report.html").read_text()
+    assert "adult-normal" in html and "predicted" in html
+
+
+def test_data_check_prints_counts(shared_data):
+    result = runner.invoke(app, ["data", "check", str(shared_data / "ieee8023-covid-chestxray"), "--dataset", "ieee8023"])
+    assert result.exit_code == 0, result.output
+    assert "covid" in result.output and "80" in result.output
+
+
+def test_data_check_missing_root_exits_2(tmp_path):
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "nowhere"), "--dataset", "kermany"])
+    assert result.exit_code == 2
+    assert "nowhere" in result.output
+
+
+def test_masks_predict_writes_a_mask_per_image(shared_data, tmp_path):
+    pairs = tmp_path / "pairs"
+    (pairs / "cxr").mkdir(parents=True)
+    (pairs / "masks").mkdir()
+    for name in sorted((shared_data / "lung-masks-shenzhen-montgomery-256" / "cxr").glob("*_0.png"))[:4]:
+        (pairs / "cxr" / name.name).write_bytes(name.read_bytes())
+        (pairs / "masks" / name.name).write_bytes((name.parent.parent / "masks" / name.name).read_bytes())
+    out = tmp_path / "predicted"
+    result = runner.invoke(app, ["masks", "predict", str(pairs), "--dataset", "shenzhen_montgomery", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "masks.csv")
+    assert len(table) == 4
+    assert all((out / name).is_file() for name in table["lung_mask"])
