@@ -43,6 +43,8 @@ from auditbench.training.device import Accelerator, select_accelerator
 from auditbench.training.features import CachedFeatures, extract_features
 from auditbench.training.trainer import finetune, predict_logits, train_head
 
+# Synthetic data only: the internal test images redrawn with the training shortcut strength.
+TRAIN_DISTRIBUTION_SPLIT = "train_distribution"
 CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity"]
 COUNT_METRICS = ["tn", "fp", "fn", "tp"]
 ATTENTION_METRICS = ["lung_mass", "border_mass", "artifact_mass", "lung_enrichment", "pointing_game"]
@@ -317,6 +319,19 @@ class Runner:
                 values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
             elif occlusion is not None:
                 values.update(occlusion_effects(self._probability_fn(model, inputs), frames.images, p_original=p, occluded=occlusion.images))
+        for item in caught:
+            self.warning_counts[f"{spec.model_id} fold {fold} {split}: {item.message}"] += 1
+        self._record(spec, split, fold, labels, p, samples, frames.artifacts.reshape(len(p), -1).any(axis=1), values)
+        if split == "internal":
+            self._gallery_candidates(spec, fold, values["lung_mass"], p, heatmaps, frames, labels, samples)
+
+    def _record(
+        self, spec: ModelSpec, split: str, fold: int, labels: np.ndarray, p: np.ndarray, samples: list[Sample],
+        has_artifact: np.ndarray, values: dict[str, np.ndarray],
+    ) -> None:
+        """Rows of results.csv (per fold) and images.csv (per image) for one evaluated split."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             scores = classification_metrics(labels, p)
         for item in caught:
             self.warning_counts[f"{spec.model_id} fold {fold} {split}: {item.message}"] += 1
@@ -336,11 +351,25 @@ class Runner:
                 "label": class_names[labels[i]], "label_index": int(labels[i]),
                 "prediction": class_names[prediction[i]], "p_positive": float(p[i]),
                 "correct": bool(prediction[i] == labels[i]), "mask_source": sample.mask_source,
-                "has_artifact": bool(frames.artifacts[i].any()),
+                "has_artifact": bool(has_artifact[i]),
                 **{metric: float(per_image[i]) for metric, per_image in values.items()},
             })
-        if split == "internal":
-            self._gallery_candidates(spec, fold, values["lung_mass"], p, heatmaps, frames, labels, samples)
+
+    def _evaluate_training_distribution(self, spec: ModelSpec, model: ModelFold, inputs: GroupInputs, data: TaskData, fold: Fold) -> None:
+        """Accuracy on the fold's test images drawn like the training images (synthetic data: with the
+        training shortcut strength): what a user evaluating on data with the same bias would see."""
+        index = fold.test
+        with self.clock.stage("explain"):
+            if model.frozen:
+                with torch.no_grad():
+                    logits = model.classifier.head.cpu().forward_pooled(inputs.train_features.pooled[torch.as_tensor(index)])
+            else:
+                logits = predict_logits(model.classifier, inputs.train_frames.images[index], inputs.mean, inputs.std,
+                                        self.protocol.explain.batch_size, self.accelerator)
+        p = torch.softmax(logits, dim=1)[:, 1].numpy()
+        has_artifact = inputs.train_frames.artifacts[index].reshape(len(index), -1).any(axis=1)
+        self._record(spec, TRAIN_DISTRIBUTION_SPLIT, fold.index, data.labels[index], p,
+                     [data.train_view[i] for i in index], has_artifact, {})
 
     def _gallery_candidates(self, spec, fold, lung_mass, p, heatmaps, frames, labels, samples) -> None:
         finite = np.flatnonzero(np.isfinite(lung_mass))
@@ -403,6 +432,8 @@ class Runner:
         for name, (frames, features, occlusion) in inputs.external.items():
             samples, labels = data.external[name]
             self._evaluate(spec, model, inputs, frames, features.maps, occlusion, labels, samples, fold.index, name)
+        if data.test_view is not data.train_view:
+            self._evaluate_training_distribution(spec, model, inputs, data, fold)
         if fold.index == 0 and self.protocol.report.save_models != "none":
             with self.clock.stage("save"):
                 self._save_model(spec, model, inputs)
@@ -638,7 +669,7 @@ def _versions() -> dict[str, str]:
 
 
 def external_findings(results: pd.DataFrame, models: pd.DataFrame) -> list[str]:
-    """One line per external set for the top-ranked model: internal vs external accuracy and the
+    """One line per non-internal split (external sets, train_distribution) for the top-ranked model: internal vs external accuracy and the
     share of external images called positive (a model 99% accurate inside that calls healthy
     external images COVID is the audit's most important finding)."""
     external = results[results["split"] != "internal"]
@@ -653,7 +684,7 @@ def external_findings(results: pd.DataFrame, models: pd.DataFrame) -> list[str]:
             called_positive = (by_metric["fp"] + by_metric["tp"]) / n
             accuracy = rows.loc[rows["metric"] == "accuracy", "value"].mean()
             lines.append(
-                f"External set {split!r}: the top-ranked model {model_id} has accuracy {accuracy:.3f} there "
+                f"Test set {split!r}: the top-ranked model {model_id} has accuracy {accuracy:.3f} there "
                 f"vs {internal_accuracy:.3f} on the internal test split, and calls {called_positive:.0%} of its "
                 "images the positive class."
             )

@@ -36,10 +36,12 @@ def test_outputs_exist_with_their_columns(known_answer_run):
         assert (out / name).is_file(), name
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == GRID_COLUMNS + ["shortcut_strength", "split", "fold", "metric", "value"]
-    assert len(results) == 4 * 2 * results["metric"].nunique()  # 4 models x 2 folds x metrics
+    internal = results[results["split"] == "internal"]
+    assert len(internal) == 4 * 2 * internal["metric"].nunique()  # 4 models x 2 folds x metrics
+    assert set(results["split"]) == {"internal", "train_distribution"}
     images = pd.read_csv(out / "images.csv")
     assert set(IMAGE_COLUMNS) <= set(images.columns)
-    assert len(images) == 4 * 160  # every image is tested once per model
+    assert (images["split"] == "internal").sum() == 4 * 160  # every image is tested once per model
     for metric in ["accuracy", "lung_mass", "artifact_occlusion_effect"]:
         assert {f"{metric}_mean", f"{metric}_std"} <= set(models.columns)
     saved = json.loads((out / "summary.json").read_text())
@@ -54,6 +56,11 @@ def test_known_answer(known_answer_run):
     _, summary, models = known_answer_run
     shortcut, clean = models.loc["efficientnet_lite0-full-ss1"], models.loc["efficientnet_lite0-full-ss0"]
     assert shortcut["accuracy_mean"] < clean["accuracy_mean"] - 0.05
+    # ... while on test images with the training bias it looks better than the clean model.
+    results = pd.read_csv(known_answer_run[0] / "results.csv")
+    biased = results[(results["split"] == "train_distribution") & (results["metric"] == "accuracy")]
+    biased_accuracy = biased.groupby("model_id")["value"].mean()
+    assert biased_accuracy["efficientnet_lite0-full-ss1"] > clean["accuracy_mean"]
     assert shortcut["artifact_occlusion_effect_mean"] > 0.1 >= clean["artifact_occlusion_effect_mean"]
     assert "artifact_occlusion_effect" in shortcut["violations"]
     assert summary["selected_model"] != "efficientnet_lite0-full-ss1"
