@@ -275,7 +275,8 @@ class Runner:
     # ----- evaluation -------------------------------------------------------------------------
 
     def _predict_and_explain(self, model: ModelFold, inputs: GroupInputs, frames: Frames, maps: torch.Tensor | None):
-        """p(positive) and the raw positive-class Grad-CAM, upsampled to the model frame."""
+        """p(positive) and the raw Grad-CAM of ``explain.target`` (positive or predicted class), upsampled to
+        the model frame."""
         device = self.accelerator.device
         head = model.classifier.head.to(device).eval()
         size = frames.images.shape[-2:]
@@ -289,9 +290,11 @@ class Runner:
                 with torch.no_grad(), self.accelerator.autocast():
                     feature_map = model.classifier.backbone.to(device).eval()(x)
                 feature_map = feature_map.float()
-            cams = self.cam(head, feature_map, 1)
             with torch.no_grad():
-                probabilities.append(torch.softmax(head(feature_map), dim=1)[:, 1].cpu())
+                logits = head(feature_map)
+            target = 1 if self.protocol.explain.target == "positive" else logits.argmax(dim=1)
+            cams = self.cam(head, feature_map, target)
+            probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
             heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
         return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy()
 

@@ -98,3 +98,13 @@ def test_validate_unknown_backbone_suggests_names():
     result = runner.invoke(app, ["validate", str(REPO / "protocols" / "quick.yaml"), "--set", "models.backbones=[efficientnet_lite]"])
     assert result.exit_code == 2
     assert "models.backbones[0].name" in result.output and "efficientnet_lite0" in result.output
+
+
+def test_predicted_class_target_and_no_occlusion(tmp_path):
+    args = ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(tmp_path),
+            "--set", "explain.target=predicted", "--set", "metrics.occlusion=false", "--set", "training.finetune=[false]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    images = pd.read_csv(tmp_path / "images.csv")
+    assert "artifact_occlusion_effect" not in images.columns
+    assert images["lung_mass"].notna().any()

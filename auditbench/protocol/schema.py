@@ -26,7 +26,7 @@ class SyntheticSpec(_Strict):
     """Synthetic chest X-ray phantoms with exact lung and artifact masks (the known-answer data)."""
 
     n_images: int = Field(200, ge=8)
-    image_size: int = Field(128, ge=32, le=1024)
+    image_size: int = Field(128, ge=48, le=1024)  # the marker band needs >= 5 px
     classes: list[str] = ["covid", "normal"]
     disease_strength: float | None = Field(None, gt=0)
     base_artifact_rate: float = Field(0.5, ge=0, le=1)
@@ -194,6 +194,7 @@ class TrainingSpec(_Strict):
 
 class ExplainSpec(_Strict):
     method: str = "gradcam"
+    target: Literal["positive", "predicted"] = "positive"  # the class whose evidence is mapped
     batch_size: int = Field(32, ge=1)
 
 
