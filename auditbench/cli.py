@@ -6,7 +6,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     help="Explainability audits of chest X-ray classifiers: accuracy and Grad-CAM attention on lungs vs artifacts.",

@@ -26,7 +26,7 @@ from auditbench.audit.metrics import METRICS, attention_metrics, classification_
 from auditbench.audit.occlusion import OCCLUSION_REGIONS, OccludedImages, effects_from_probabilities, occlude, occlusion_effects
 from auditbench.audit.validation import metric_separation
 from auditbench.data.prepare import Frames, TaskData, fill_missing_masks, load_sources, real_task_data, synthetic_task_data, to_frames
-from auditbench.data.records import LoadedDataset, Sample
+from auditbench.data.records import Sample
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
 from auditbench.explain.gradcam import CAM_METHODS, upsample_cams
@@ -185,12 +185,12 @@ class Runner:
         interpolation = "bicubic" if backbone.data_config.get("interpolation") == "bicubic" else "bilinear"
         return FrameSpec(size, crop, self.protocol.preprocessing.crop_ratio, interpolation)
 
-    def _group_inputs(self, spec: ModelSpec, data: TaskData, cache: "SampleCache") -> GroupInputs:
+    def _group_inputs(self, group: list[ModelSpec], data: TaskData, cache: "SampleCache") -> GroupInputs:
         # Test view first: where it is the training view too (real data), one pass serves both.
         test_frames, test_features, test_occlusion = cache.get(data.test_view, keep_maps=True, occlusion=True)
         train_frames, train_features, _ = cache.get(data.train_view, keep_maps=False, occlusion=False)
         augmented_frames = augmented_features = augmented_source = None
-        if any(s.augment for s in self._group_specs(spec)):
+        if any(s.augment for s in group):
             augmented_source, augmented_samples = self._augmented_copies(data)
             augmented_frames, augmented_features, _ = cache.get(augmented_samples, keep_maps=False, occlusion=False)
         external = {name: cache.get(samples, keep_maps=True, occlusion=True) for name, (samples, _) in data.external.items()}
@@ -224,9 +224,6 @@ class Runner:
                 held = self._augmented[id(sample)] = (sample, augmented)
             copies.append(held[1])
         return source, copies
-
-    def _group_specs(self, spec: ModelSpec) -> list[ModelSpec]:
-        return [s for s in self.specs if _group_key(s) == _group_key(spec)]
 
     def _train(self, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> ModelFold:
         training = self.protocol.training
@@ -416,7 +413,7 @@ class Runner:
                     if not group:
                         continue
                     progress.update(bar, description=f"features {group[0].backbone} crop={group[0].crop}")
-                    inputs = self._group_inputs(group[0], data, cache)
+                    inputs = self._group_inputs(group, data, cache)
                     for spec in group:
                         for fold in folds_by_data[id(data)]:
                             progress.update(bar, description=f"{spec.model_id} fold {fold.index}")
@@ -651,10 +648,6 @@ class SampleCache:
                 features.maps[i : i + 1] if keep_maps else None,
                 per_sample[i] if occlusion else None,
             )
-
-
-def _group_key(spec: ModelSpec) -> tuple:
-    return (spec.task.name, tuple(sorted(spec.data_axes.items())), spec.backbone, spec.weights, spec.crop)
 
 
 def _safe_name(text: str) -> str:

@@ -108,3 +108,14 @@ def test_predicted_class_target_and_no_occlusion(tmp_path):
     images = pd.read_csv(tmp_path / "images.csv")
     assert "artifact_occlusion_effect" not in images.columns
     assert images["lung_mass"].notna().any()
+
+
+@pytest.mark.parametrize("mode", ["minority_once", "online"])
+def test_augmentation_modes_run(tmp_path, mode):
+    args = ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(tmp_path),
+            "--set", "training.augment=[false, true]", "--set", f"training.augment_mode={mode}",
+            "--set", "data.synthetic.shortcut_strength=[0]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    models = pd.read_csv(tmp_path / "models.csv")
+    assert set(models["model_id"]) == {"resnet10t-ft-aug", "resnet10t-ft-noaug", "resnet10t-frozen-aug", "resnet10t-frozen-noaug"}
