@@ -136,6 +136,8 @@ class Runner:
         self.image_rows: list[dict] = []
         self.gallery: dict[str, dict[str, GalleryCandidate]] = defaultdict(dict)
         self.warning_counts: Counter[str] = Counter()
+        self.heatmaps_evaluated: Counter[str] = Counter()
+        self.undefined_heatmaps: Counter[tuple[str, str]] = Counter()
         self.notes: list[str] = []
         self.cam_layers: dict[str, str] = {}
         self.skipped = []
@@ -311,6 +313,7 @@ class Runner:
         with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             attention = attention_metrics(heatmaps, frames.lungs, frames.artifacts, self.protocol.metrics.border_fraction)
+            caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
             values = dict(attention.values)
             if occlusion is not None and model.frozen:
                 head = model.classifier.head.cpu()
@@ -319,11 +322,18 @@ class Runner:
                 values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
             elif occlusion is not None:
                 values.update(occlusion_effects(self._probability_fn(model, inputs), frames.images, p_original=p, occluded=occlusion.images))
-        for item in caught:
-            self.warning_counts[f"{spec.model_id} fold {fold} {split}: {item.message}"] += 1
+        self._count_warnings(caught, split)
+        self.heatmaps_evaluated[split] += len(p)
+        for cause in ("zero_map", "empty_lung_mask"):
+            self.undefined_heatmaps[(split, cause)] += attention.nan_counts.get(cause, 0)
         self._record(spec, split, fold, labels, p, samples, frames.artifacts.reshape(len(p), -1).any(axis=1), values)
         if split == "internal":
             self._gallery_candidates(spec, fold, values["lung_mass"], p, heatmaps, frames, labels, samples)
+
+    def _count_warnings(self, caught: list, split: str) -> None:
+        """Identical messages are counted, so a large grid gives a short list."""
+        for item in caught:
+            self.warning_counts[f"{split}: {item.message}"] += 1
 
     def _record(
         self, spec: ModelSpec, split: str, fold: int, labels: np.ndarray, p: np.ndarray, samples: list[Sample],
@@ -333,8 +343,7 @@ class Runner:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             scores = classification_metrics(labels, p)
-        for item in caught:
-            self.warning_counts[f"{spec.model_id} fold {fold} {split}: {item.message}"] += 1
+        self._count_warnings(caught, split)
         grid = spec.grid_row()
         for metric in CLASSIFICATION_METRICS + COUNT_METRICS:
             self.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": float(scores[metric])})
@@ -533,6 +542,14 @@ class Runner:
             )
         if self.skipped:
             self.notes.append(f"{len(self.skipped)} files could not be read and were skipped (skipped.csv).")
+        causes = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
+                  "empty_lung_mask": "lung masks were empty"}
+        for (split, cause), count in sorted(self.undefined_heatmaps.items()):
+            if count:
+                self.notes.append(
+                    f"{split}: for {count} of {self.heatmaps_evaluated[split]} image evaluations (all models and folds) "
+                    f"{causes[cause]}; their attention metrics are NaN and left out of the means (images.csv)."
+                )
         self.notes.append("Checkpoints are the models trained on fold 0; metrics are over all folds.")
         return {
             "name": self.protocol.name,
