@@ -1,6 +1,7 @@
 """Protocol data section -> the samples of one task, with a training view and a test view."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,17 @@ def _raw_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(zip(map(str, values), map(int, counts)))
 
 
+@functools.lru_cache(maxsize=4)
+def _generate_synthetic(config, shortcut_strength: float, variant: str) -> list[Sample]:
+    """Memoised so every grid cell that shares a view (e.g. the decorrelated test view of every
+    training strength) shares its Sample objects, and with them cached features."""
+    from auditbench.data.synthetic import generate
+
+    return generate(config, shortcut_strength, variant).samples
+
+
 def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: float) -> TaskData:
-    from auditbench.data.synthetic import SyntheticConfig, generate
+    from auditbench.data.synthetic import SyntheticConfig
 
     spec = protocol.data.synthetic
     kwargs = dict(
@@ -111,8 +121,8 @@ def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: f
     if spec.disease_strength is not None:
         kwargs["disease_strength"] = spec.disease_strength
     config = SyntheticConfig(**kwargs)
-    train_view = generate(config, shortcut_strength, "train").samples
-    test_view = generate(config, spec.test_shortcut_strength, "test").samples
+    train_view = _generate_synthetic(config, shortcut_strength, "train")
+    test_view = _generate_synthetic(config, spec.test_shortcut_strength, "test")
     keep, labels = _select_task(train_view, task)
     _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
