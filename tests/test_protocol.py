@@ -77,6 +77,15 @@ def test_overrides_parse_yaml_values(protocol_file):
     assert protocol.models.hidden == [128]
 
 
+def test_override_indexes_lists(protocol_file):
+    protocol = load_protocol(protocol_file, ["models.backbones.0.weights=imagenet"])
+    assert protocol.models.backbones[0].weights == "imagenet"
+    with pytest.raises(ProtocolError, match="is a list of 1; '3' is not an index"):
+        load_protocol(protocol_file, ["models.backbones.3.weights=none"])
+    with pytest.raises(ProtocolError, match="is a value, so it has no key 'x'"):
+        load_protocol(protocol_file, ["seed.x=1"])
+
+
 def test_bad_override_syntax(protocol_file):
     with pytest.raises(ProtocolError, match="expected dotted.key=value"):
         load_protocol(protocol_file, ["training.folds"])

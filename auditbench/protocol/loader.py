@@ -29,17 +29,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each ``dotted.key=value``; a numeric part indexes a list (``models.backbones.0.weights=none``)."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ProtocolError(f"--set {text!r}: {part!r} is not a mapping, so it has no key {path[-1]!r}")
-            node = child
-        node[path[-1]] = value
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(path[:depth])
+                    raise ProtocolError(f"--set {text!r}: {where} is a list of {len(node)}; {part!r} is not an index in it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ProtocolError(f"--set {text!r}: {'.'.join(path[:depth])} is a value, so it has no key {part!r}")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return raw
 
 
