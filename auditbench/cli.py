@@ -109,8 +109,14 @@ def check(
     minimum: list[str] = typer.Option([], "--min", help="METRIC=F: fail when METRIC is below F. Repeatable."),
     maximum: list[str] = typer.Option([], "--max", help="METRIC=F: fail when METRIC is above F. Repeatable."),
     all_models: bool = typer.Option(False, "--all-models", help="Check every model, not only the selected one."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier run's folder: fail when a metric regressed from it."),
+    regression: list[str] = typer.Option(
+        [], "--regression-metric", help="Metric held to the baseline (repeatable; default: the threshold metrics, else accuracy and lung_mass)."
+    ),
+    tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than the baseline a metric may get."),
 ) -> None:
-    """CI gate: exit 0 when every threshold holds, 1 when one fails, 2 on bad input."""
+    """CI gate: exit 0 when every threshold holds (and nothing regressed from --baseline), 1 when one
+    fails, 2 on bad input."""
     from auditbench.report.check import CheckInputError, Threshold, parse_threshold_option, run_check
 
     try:
@@ -126,17 +132,18 @@ def check(
         ]
         thresholds += [parse_threshold_option(text, "min") for text in minimum]
         thresholds += [parse_threshold_option(text, "max") for text in maximum]
-        if not thresholds:
-            raise CheckInputError("no thresholds given; e.g. --min-lung-mass 0.5 or --max artifact_occlusion_effect=0.1")
-        result = run_check(out_dir, thresholds, all_models)
+        if not thresholds and baseline is None:
+            raise CheckInputError("no thresholds given; e.g. --min-lung-mass 0.5, --max artifact_occlusion_effect=0.1 or --baseline DIR")
+        result = run_check(out_dir, thresholds, all_models, baseline, regression, tolerance)
     except CheckInputError as error:
         raise _fail(str(error)) from None
     for model_id, metric in result.not_applicable:
         console.print(f"[yellow]n/a[/] {model_id}: {metric} is not applicable (no artifact in view); counted as met", highlight=False)
     for failure in result.failures:
-        console.print(f"[red]FAIL[/] {failure}", highlight=False)
+        console.print(f"[red]FAIL[/] {failure}", highlight=False, soft_wrap=True)
     if result.passed:
-        console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {len(thresholds)} threshold(s)")
+        against = f", no regression from {baseline}" if baseline is not None else ""
+        console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {len(thresholds)} threshold(s){against}")
         raise typer.Exit(EXIT_OK)
     raise typer.Exit(EXIT_FAILED)
 

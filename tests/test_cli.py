@@ -119,3 +119,28 @@ def test_augmentation_modes_run(tmp_path, mode):
     assert result.exit_code == 0, result.output
     models = pd.read_csv(tmp_path / "models.csv")
     assert set(models["model_id"]) == {"resnet10t-ft-aug", "resnet10t-ft-noaug", "resnet10t-frozen-aug", "resnet10t-frozen-noaug"}
+
+
+def test_check_against_a_baseline_fails_on_regression(tiny_run, tmp_path):
+    import shutil
+
+    worse = tmp_path / "worse"
+    shutil.copytree(tiny_run, worse)
+    models = pd.read_csv(worse / "models.csv")
+    selected = models["selected"].astype(bool)
+    models.loc[selected, "accuracy_mean"] -= 0.2  # higher is better: a drop of 0.2 > tolerance 0.05
+    models.loc[selected, "border_occlusion_effect_mean"] += 0.01  # lower is better: worse, within tolerance
+    models.to_csv(worse / "models.csv", index=False)
+
+    same = runner.invoke(app, ["check", str(tiny_run), "--baseline", str(tiny_run)])
+    assert same.exit_code == 0, same.output
+    regressed = runner.invoke(app, ["check", str(worse), "--baseline", str(tiny_run)])
+    assert regressed.exit_code == 1
+    assert "accuracy" in regressed.output and "regressed from" in regressed.output
+    within = runner.invoke(app, ["check", str(worse), "--baseline", str(tiny_run), "--regression-metric", "border_occlusion_effect"])
+    assert within.exit_code == 0, within.output
+    strict = runner.invoke(app, ["check", str(worse), "--baseline", str(tiny_run), "--regression-metric", "border_occlusion_effect",
+                                 "--tolerance", "0.001"])
+    assert strict.exit_code == 1 and "border_occlusion_effect" in strict.output
+    missing = runner.invoke(app, ["check", str(worse), "--baseline", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2
