@@ -82,6 +82,9 @@ def run(
         raise _fail(str(error)) from None
     selected = summary["selected_model"] or "[bold red]none: no model meets the selection constraints[/]"
     console.print(f"selected model: {selected}")
+    for note in summary["notes"]:
+        if note.startswith("Test set"):  # external findings: the ones a reader must not miss
+            console.print(note, highlight=False, soft_wrap=True)
     console.print(f"report: {out_dir / 'report.html'}")
     console.print(f"time per stage (s): {summary['stage_seconds']}", highlight=False)
 
