@@ -641,6 +641,10 @@ class SampleCache:
 
     def _compute(self, samples: list[Sample], keep_maps: bool, occlusion: bool) -> None:
         runner = self.runner
+        # Recomputing an entry keeps what it already had, so requests in any order never lose work.
+        held = [e for s in samples if (e := self._entries.get(id(s))) is not None and e.sample is s]
+        keep_maps = keep_maps or any(e.feature_map is not None for e in held)
+        occlusion = occlusion or any(e.occluded is not None for e in held)
         with runner.clock.stage("preprocess"):
             frames = to_frames(samples, self.frame)
         features = self._features(frames.images, keep_maps)
