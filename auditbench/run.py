@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+import itertools
 import json
 import platform
 import shutil
@@ -22,14 +22,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from auditbench.audit.aggregate import add_accuracy_drop, aggregate_models
 from auditbench.audit.metrics import METRICS, attention_metrics, classification_metrics
+from auditbench.audit.uncertainty import paired_bootstrap
 from auditbench.audit.occlusion import OCCLUSION_REGIONS, OccludedImages, effects_from_probabilities, occlude, occlusion_effects
-from auditbench.audit.validation import metric_separation
-from auditbench.data.prepare import Frames, TaskData, fill_missing_masks, load_sources, real_task_data, synthetic_task_data, to_frames
+from auditbench.audit.validation import metric_validation
+from auditbench.data.augment import AugmentConfig, augment_frames, augmented_copy, copies_to_make
+from auditbench.data.prepare import (
+    ARTIFACT_ABSENT, ARTIFACT_OUT_OF_VIEW, Frames, TaskData, fill_missing_masks, load_sources, real_task_data,
+    synthetic_task_data, to_frames,
+)
 from auditbench.data.records import Sample
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
-from auditbench.explain.gradcam import CAM_METHODS, upsample_cams
+from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
 from auditbench.models.backbones import FeatureBackbone, build_backbone
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.models.classifier import Classifier, Head
@@ -41,14 +47,17 @@ from auditbench.report.overlays import overlay_png
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 from auditbench.training.device import Accelerator, select_accelerator
 from auditbench.training.features import CachedFeatures, extract_features
-from auditbench.training.trainer import finetune, predict_logits, train_head
+from auditbench.training.trainer import finetune, train_head
 
 # Synthetic data only: the internal test images redrawn with the training shortcut strength.
 TRAIN_DISTRIBUTION_SPLIT = "train_distribution"
 CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity"]
 COUNT_METRICS = ["tn", "fp", "fn", "tp"]
-ATTENTION_METRICS = ["lung_mass", "border_mass", "artifact_mass", "lung_enrichment", "pointing_game"]
+ATTENTION_METRICS = ["lung_mass", "border_mass", "artifact_mass", "artifact_enrichment", "lung_enrichment", "pointing_game"]
 OCCLUSION_METRICS = ["artifact_occlusion_effect", "border_occlusion_effect", "lung_occlusion_effect"]
+BEHAVIOUR_METRICS = ["shortcut_reliance", "shortcut_accuracy_drop"]
+# One threshold rule everywhere: an image is called positive when p(positive) > 0.5.
+THRESHOLD = 0.5
 PACKAGES = ["auditbench", "torch", "torchvision", "timm", "captum", "numpy", "pandas", "scikit-image", "scikit-learn", "scipy"]
 
 
@@ -116,6 +125,8 @@ class GroupInputs:
     augmented_source: np.ndarray | None  # index into train view of each augmented copy
     external: dict[str, tuple[Frames, CachedFeatures, Occlusion | None]]
     test_occlusion: Occlusion | None
+    clean_frames: Frames | None = None  # synthetic: the test images' clean twins
+    clean_features: CachedFeatures | None = None
 
 
 def stable_seed(*parts) -> int:
@@ -140,6 +151,7 @@ class Runner:
         self.undefined_heatmaps: Counter[tuple[str, str]] = Counter()
         self.notes: list[str] = []
         self.cam_layers: dict[str, str] = {}
+        self.cam_geometry: dict[str, dict] = {}
         self.skipped = []
         self.n_images = 0
         self._gallery_rows: list[dict] = []
@@ -155,8 +167,9 @@ class Runner:
         out = []
         if self.protocol.data.dataset == "synthetic":
             for task in self.protocol.task:
-                for strength in axes["shortcut_strength"]:
-                    out.append((task, {"shortcut_strength": strength}, synthetic_task_data(self.protocol, task, strength)))
+                for values in itertools.product(*axes.values()):
+                    cell = dict(zip(axes, values))
+                    out.append((task, cell, synthetic_task_data(self.protocol, task, cell)))
             return out
         data = self.protocol.data
         internal = load_sources(data.sources, data, self.base_dir)
@@ -184,8 +197,11 @@ class Runner:
 
     def _frame(self, backbone: FeatureBackbone, crop: bool) -> FrameSpec:
         size = self.protocol.preprocessing.input_size or int(backbone.data_config["input_size"][-1])
-        interpolation = "bicubic" if backbone.data_config.get("interpolation") == "bicubic" else "bilinear"
-        return FrameSpec(size, crop, self.protocol.preprocessing.crop_ratio, interpolation)
+        # Always bilinear, whatever the backbone was pretrained with: its kernel is non-negative
+        # and compact, so region footprints are tight and the occlusion fill reconstructs what a
+        # marker hid (measured: bicubic frames leave 2-12% of the marker's excess intensity,
+        # bilinear 1-4%; docs/metrics.md).
+        return FrameSpec(size, crop, self.protocol.preprocessing.crop_ratio, "bilinear")
 
     def _group_inputs(self, group: list[ModelSpec], data: TaskData, cache: "SampleCache") -> GroupInputs:
         # Test view first: where it is the training view too (real data), one pass serves both.
@@ -194,36 +210,31 @@ class Runner:
         augmented_frames = augmented_features = augmented_source = None
         if any(s.augment for s in group):
             augmented_source, augmented_samples = self._augmented_copies(data)
-            augmented_frames, augmented_features, _ = cache.get(augmented_samples, keep_maps=False, occlusion=False)
+            if augmented_samples:  # "minority_once" on tied classes makes none
+                augmented_frames, augmented_features, _ = cache.get(augmented_samples, keep_maps=False, occlusion=False)
+            else:
+                augmented_source = None
         external = {name: cache.get(samples, keep_maps=True, occlusion=True) for name, (samples, _) in data.external.items()}
+        clean_frames = clean_features = None
+        if data.clean_view is not None:
+            clean_frames, clean_features, _ = cache.get(data.clean_view, keep_maps=False, occlusion=False)
         return GroupInputs(
             cache.backbone, cache.frame, cache.mean, cache.std, train_frames, test_frames, train_features, test_features,
-            augmented_frames, augmented_features, augmented_source, external, test_occlusion,
+            augmented_frames, augmented_features, augmented_source, external, test_occlusion, clean_frames, clean_features,
         )
 
     def _augmented_copies(self, data: TaskData) -> tuple[np.ndarray, list[Sample]]:
-        """One augmented copy per image: of the minority class (the study's mode), or of every
-        image (``online`` mode, whose frozen phase trains on cached features of these copies)."""
-        from auditbench.data.augment import AugmentConfig, augment_sample
-
-        if self.protocol.training.augment_mode == "minority_once":
-            minority = int(np.argmin(np.bincount(data.labels, minlength=2)))
-            source = np.flatnonzero(data.labels == minority)
-        else:
-            source = np.arange(len(data.labels))
+        """One augmented copy per image of ``data.augment.copies_to_make``: the minority class
+        (the study's mode; nothing when the classes tie), or every image (``online`` mode, whose
+        frozen phase trains on cached features of these copies)."""
+        source = copies_to_make(data.labels, self.protocol.training.augment_mode)
         copies = []
         for i in source:
             sample = data.train_view[i]
             held = self._augmented.get(id(sample))
             if held is None or held[0] is not sample:
-                image, lung, artifact = augment_sample(
-                    sample.image, sample.lung_mask, sample.artifact_mask, AugmentConfig(),
-                    stable_seed(self.protocol.seed, "augment", sample.sample_id),
-                )
-                augmented = dataclasses.replace(
-                    sample, sample_id=f"{sample.sample_id}#aug1", image=image, lung_mask=lung, artifact_mask=artifact
-                )
-                held = self._augmented[id(sample)] = (sample, augmented)
+                seed = stable_seed(self.protocol.seed, "augment", sample.sample_id)
+                held = self._augmented[id(sample)] = (sample, augmented_copy(sample, AugmentConfig(), seed))
             copies.append(held[1])
         return source, copies
 
@@ -266,53 +277,82 @@ class Runner:
 
     @staticmethod
     def _online_augment(frames: np.ndarray, seed: int) -> np.ndarray:
-        from auditbench.data.augment import AugmentConfig, augment_sample
-
-        config = AugmentConfig()
-        return np.stack([augment_sample(image, None, None, config, seed + i)[0] for i, image in enumerate(frames)])
+        return augment_frames(frames, seed)
 
     # ----- evaluation -------------------------------------------------------------------------
 
     def _predict_and_explain(self, model: ModelFold, inputs: GroupInputs, frames: Frames, maps: torch.Tensor | None):
-        """p(positive) and the raw Grad-CAM of ``explain.target`` (positive or predicted class), upsampled to
-        the model frame."""
+        """p(positive) and the raw Grad-CAM of ``explain.target`` (positive or predicted class) with
+        ``explain.score`` at ``explain.layer``, upsampled to the model frame; and the map's side.
+
+        p comes from the fp32 head on the backbone's map, exactly as for the occluded copies."""
         device = self.accelerator.device
+        explain = self.protocol.explain
         head = model.classifier.head.to(device).eval()
         size = frames.images.shape[-2:]
-        batch = self.protocol.explain.batch_size
-        probabilities, heatmaps = [], []
-        for start in range(0, len(frames), batch):
-            if model.frozen and maps is not None:
-                feature_map = maps[start : start + batch].to(device)
+        probabilities, heatmaps, map_side = [], [], 0
+        for start in range(0, len(frames), explain.batch_size):
+            if explain.layer == "last" and model.frozen and maps is not None:
+                feature_map = maps[start : start + explain.batch_size].to(device)
             else:
-                x = normalise(frames.images[start : start + batch], inputs.mean, inputs.std).to(device)
+                x = normalise(frames.images[start : start + explain.batch_size], inputs.mean, inputs.std).to(device)
+                backbone = model.classifier.backbone.to(device).eval()
+                if explain.layer != "last":
+                    with self.accelerator.autocast():
+                        cams, _ = layer_gradcam(backbone, head, x, self._target, explain.layer, explain.score)
                 with torch.no_grad(), self.accelerator.autocast():
-                    feature_map = model.classifier.backbone.to(device).eval()(x)
+                    feature_map = backbone(x)
                 feature_map = feature_map.float()
             with torch.no_grad():
                 logits = head(feature_map)
-            target = 1 if self.protocol.explain.target == "positive" else logits.argmax(dim=1)
-            cams = self.cam(head, feature_map, target)
+            target = 1 if explain.target == "positive" else logits.argmax(dim=1)
+            if explain.layer == "last":
+                cams = self.cam(head, feature_map, target, score=explain.score)
+            cams = cams.float()
+            map_side = cams.shape[-1]
             probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
             heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
-        return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy()
+        return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy(), map_side
+
+    @property
+    def _target(self):
+        return 1 if self.protocol.explain.target == "positive" else "predicted"
 
     def _probability_fn(self, model: ModelFold, inputs: GroupInputs):
+        """p(positive) of images, the same precision path as :meth:`_predict_and_explain`."""
+        device = self.accelerator.device
+
+        @torch.no_grad()
         def predict(images: np.ndarray) -> np.ndarray:
-            logits = predict_logits(model.classifier, images, inputs.mean, inputs.std, self.protocol.explain.batch_size, self.accelerator)
-            return torch.softmax(logits, dim=1)[:, 1].numpy()
+            out = []
+            backbone, head = model.classifier.backbone.to(device).eval(), model.classifier.head.to(device).eval()
+            for start in range(0, len(images), self.protocol.explain.batch_size):
+                x = normalise(images[start : start + self.protocol.explain.batch_size], inputs.mean, inputs.std).to(device)
+                with self.accelerator.autocast():
+                    feature_map = backbone(x)
+                out.append(torch.softmax(head(feature_map.float()), dim=1)[:, 1].cpu())
+            return torch.cat(out).numpy() if out else np.zeros(0)
 
         return predict
 
     def _evaluate(
         self, spec: ModelSpec, model: ModelFold, inputs: GroupInputs, frames: Frames, maps, occlusion: Occlusion | None,
-        labels: np.ndarray, samples: list[Sample], fold: int, split: str,
+        labels: np.ndarray, samples: list[Sample], fold: int, split: str, clean_index: np.ndarray | None = None,
     ) -> None:
         with self.clock.stage("explain"):
-            p, heatmaps = self._predict_and_explain(model, inputs, frames, maps)
+            p, heatmaps, map_side = self._predict_and_explain(model, inputs, frames, maps)
+        cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
+        self.cam_geometry[spec.model_id] = {
+            "input_size": inputs.frame.input_size, "frame": frame_name(inputs.frame),
+            "cam_layer": self.protocol.explain.layer, "cam_map_size": map_side, "cam_stride": cell_px,
+        }
         with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            attention = attention_metrics(heatmaps, frames.lungs, frames.artifacts, self.protocol.metrics.border_fraction)
+            # Where only a sliver of the band's footprint is in view (no pixel mostly band), it is the band.
+            sliver = ~frames.border.any(axis=(1, 2))
+            border = frames.border.copy()
+            border[sliver] = frames.border_footprint[sliver]
+            attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, border, cell_px)
             caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
             values = dict(attention.values)
             if occlusion is not None and model.frozen:
@@ -321,14 +361,35 @@ class Runner:
                     p_occluded = {r: torch.softmax(head.forward_pooled(f), 1)[:, 1].numpy() for r, f in occlusion.pooled.items()}
                 values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
             elif occlusion is not None:
-                values.update(occlusion_effects(self._probability_fn(model, inputs), frames.images, p_original=p, occluded=occlusion.images))
+                values.update(occlusion_effects(self._probability_fn(model, inputs), frames.images, p_original=p,
+                                                occluded=occlusion.images, batch_size=self.protocol.explain.batch_size))
         self._count_warnings(caught, split)
         self.heatmaps_evaluated[split] += len(p)
         for cause in ("zero_map", "empty_lung_mask"):
             self.undefined_heatmaps[(split, cause)] += attention.nan_counts.get(cause, 0)
-        self._record(spec, split, fold, labels, p, samples, frames.artifacts.reshape(len(p), -1).any(axis=1), values)
+        if split == "internal" and inputs.clean_frames is not None:
+            values["shortcut_reliance"] = self._reliance(model, inputs, frames, p, clean_index)
+        self._record(spec, split, fold, labels, p, samples, frames, values)
         if split == "internal":
             self._gallery_candidates(spec, fold, values["lung_mass"], p, heatmaps, frames, labels, samples)
+
+    def _reliance(self, model: ModelFold, inputs: GroupInputs, frames: Frames, p: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """|p(x) - p(clean twin of x)| per test image whose source shows a marker (NaN elsewhere):
+        the behavioural ground truth of the validation (a cropped frame that removed the marker
+        gives 0, as it should: the model cannot use what it does not see)."""
+        marked = frames.artifact_status != ARTIFACT_ABSENT
+        reliance = np.full(len(p), np.nan)
+        if not marked.any():
+            return reliance
+        rows = index[marked]
+        if model.frozen:
+            with torch.no_grad():
+                logits = model.classifier.head.cpu().forward_pooled(inputs.clean_features.pooled[torch.as_tensor(rows)])
+            p_clean = torch.softmax(logits, dim=1)[:, 1].numpy()
+        else:
+            p_clean = self._probability_fn(model, inputs)(inputs.clean_frames.images[rows])
+        reliance[marked] = np.abs(p[marked] - p_clean)
+        return reliance
 
     def _count_warnings(self, caught: list, split: str) -> None:
         """Identical messages are counted, so a large grid gives a short list."""
@@ -337,12 +398,12 @@ class Runner:
 
     def _record(
         self, spec: ModelSpec, split: str, fold: int, labels: np.ndarray, p: np.ndarray, samples: list[Sample],
-        has_artifact: np.ndarray, values: dict[str, np.ndarray],
+        frames: Frames, values: dict[str, np.ndarray],
     ) -> None:
         """Rows of results.csv (per fold) and images.csv (per image) for one evaluated split."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            scores = classification_metrics(labels, p)
+            scores = classification_metrics(labels, p, THRESHOLD)
         self._count_warnings(caught, split)
         grid = spec.grid_row()
         for metric in CLASSIFICATION_METRICS + COUNT_METRICS:
@@ -352,7 +413,9 @@ class Runner:
             value = float(finite.mean()) if len(finite) else float("nan")
             self.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": value})
         class_names = spec.task.class_names
-        prediction = (p >= 0.5).astype(int)
+        prediction = (p > THRESHOLD).astype(int)
+        has_artifact = frames.artifact_footprint.reshape(len(p), -1).any(axis=1)
+        border_in_view = frames.border_footprint.reshape(len(p), -1).any(axis=1)
         for i, sample in enumerate(samples):
             self.image_rows.append({
                 "model_id": spec.model_id, "fold": fold, "split": split, "sample_id": sample.sample_id,
@@ -360,7 +423,8 @@ class Runner:
                 "label": class_names[labels[i]], "label_index": int(labels[i]),
                 "prediction": class_names[prediction[i]], "p_positive": float(p[i]),
                 "correct": bool(prediction[i] == labels[i]), "mask_source": sample.mask_source,
-                "has_artifact": bool(has_artifact[i]),
+                "has_artifact": bool(has_artifact[i]), "artifact_status": str(frames.artifact_status[i]),
+                "border_in_view": bool(border_in_view[i]),
                 **{metric: float(per_image[i]) for metric, per_image in values.items()},
             })
 
@@ -373,12 +437,12 @@ class Runner:
                 with torch.no_grad():
                     logits = model.classifier.head.cpu().forward_pooled(inputs.train_features.pooled[torch.as_tensor(index)])
             else:
-                logits = predict_logits(model.classifier, inputs.train_frames.images[index], inputs.mean, inputs.std,
-                                        self.protocol.explain.batch_size, self.accelerator)
-        p = torch.softmax(logits, dim=1)[:, 1].numpy()
-        has_artifact = inputs.train_frames.artifacts[index].reshape(len(index), -1).any(axis=1)
+                logits = None
+                p = self._probability_fn(model, inputs)(inputs.train_frames.images[index])
+        if logits is not None:
+            p = torch.softmax(logits, dim=1)[:, 1].numpy()
         self._record(spec, TRAIN_DISTRIBUTION_SPLIT, fold.index, data.labels[index], p,
-                     [data.train_view[i] for i in index], has_artifact, {})
+                     [data.train_view[i] for i in index], inputs.train_frames.subset(index), {})
 
     def _gallery_candidates(self, spec, fold, lung_mass, p, heatmaps, frames, labels, samples) -> None:
         finite = np.flatnonzero(np.isfinite(lung_mass))
@@ -437,7 +501,7 @@ class Runner:
         test_maps = inputs.test_features.maps[torch.as_tensor(fold.test)]
         test_occlusion = inputs.test_occlusion.subset(fold.test) if inputs.test_occlusion else None
         self._evaluate(spec, model, inputs, inputs.test_frames.subset(fold.test), test_maps, test_occlusion,
-                       data.labels[fold.test], test_samples, fold.index, "internal")
+                       data.labels[fold.test], test_samples, fold.index, "internal", clean_index=fold.test)
         for name, (frames, features, occlusion) in inputs.external.items():
             samples, labels = data.external[name]
             self._evaluate(spec, model, inputs, frames, features.maps, occlusion, labels, samples, fold.index, name)
@@ -476,8 +540,11 @@ class Runner:
 
     def _finish(self, started: datetime) -> dict:
         with self.clock.stage("select"):
-            results = pd.DataFrame(self.results_rows)
-            models = aggregate_models(results, self.specs, self.protocol.training.folds)
+            results = add_accuracy_drop(pd.DataFrame(self.results_rows))
+            images = pd.DataFrame(self.image_rows)
+            grid = pd.DataFrame([s.grid_row() for s in self.specs])
+            models = aggregate_models(results, images, grid, self.protocol.training.folds, self.cam_geometry,
+                                      self.protocol.metrics.bootstrap, self.protocol.seed)
             rule = SelectionRule(
                 primary=self.protocol.selection.primary,
                 constraints=[Constraint(metric, c.min, c.max) for metric, c in self.protocol.selection.constraints.items()],
@@ -488,10 +555,11 @@ class Runner:
             selected_id = str(selected.iloc[0]) if len(selected) else None
             validation = self._validation(models)
             self.notes.extend(external_findings(results, models))
+            self.notes.extend(runner_up_comparison(models, images, self.protocol))
         with self.clock.stage("report"):
             results.to_csv(self.out_dir / "results.csv", index=False)
             models.to_csv(self.out_dir / "models.csv", index=False)
-            pd.DataFrame(self.image_rows).to_csv(self.out_dir / "images.csv", index=False)
+            images.to_csv(self.out_dir / "images.csv", index=False)
             pd.DataFrame(self._gallery_rows, columns=["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]).to_csv(
                 self.out_dir / "gallery.csv", index=False
             )
@@ -510,17 +578,23 @@ class Runner:
         return summary
 
     def _validation(self, models: pd.DataFrame) -> pd.DataFrame | None:
-        """Known-answer check of the audit itself: models that could learn the synthetic shortcut
-        (trained with strength > 0 and no crop, which would remove the artifacts) vs the rest."""
-        if "shortcut_strength" not in models:
-            self.notes.append("No validation table: only synthetic data has a known answer (which models use a shortcut).")
+        """Known-answer check of the audit itself (synthetic data): does each metric tell the models
+        that rely on the marker (shortcut_reliance above validation.reliance_threshold, measured on
+        clean twins) from those that do not, within a frame?"""
+        if "shortcut_reliance_mean" not in models:
+            self.notes.append("No validation table: only synthetic data has a known answer (clean twins of the test images).")
             return None
-        is_shortcut = (models["shortcut_strength"] > 0) & ~models["crop"].astype(bool)
-        if is_shortcut.all() or not is_shortcut.any():
-            self.notes.append("No validation table: the grid has no pair of shortcut-trained and clean models.")
+        table = models.copy()
+        table["relies"] = table["shortcut_reliance_mean"] > self.protocol.validation.reliance_threshold
+        if table["relies"].all() or not table["relies"].any():
+            self.notes.append(
+                f"No validation table: {int(table['relies'].sum())} of {len(table)} models rely on the marker "
+                f"(shortcut_reliance > {self.protocol.validation.reliance_threshold:g}); it needs both kinds."
+            )
             return None
-        metrics = [m for m in ATTENTION_METRICS + OCCLUSION_METRICS if f"{m}_mean" in models]
-        return metric_separation(models, is_shortcut, metrics)
+        metrics = [m for m in ATTENTION_METRICS + OCCLUSION_METRICS + ["shortcut_accuracy_drop"] if f"{m}_mean" in table]
+        return metric_validation(table, metrics, reliance_column="shortcut_reliance_mean",
+                                 n_boot=self.protocol.validation.bootstrap, seed=self.protocol.seed)
 
     def _prune_models(self, selected_id: str | None) -> None:
         folder = self.out_dir / "models"
@@ -531,14 +605,12 @@ class Runner:
                 shutil.rmtree(path)
 
     def _summary(self, started: datetime, selected_id: str | None, rule: SelectionRule) -> dict:
-        not_applicable = [
-            m for m in OCCLUSION_METRICS + ATTENTION_METRICS
-            if m in self.protocol.selection.constraints and METRICS.get(m).not_applicable_when_undefined
-        ]
-        if not_applicable:
+        regional = [m for m in self.protocol.selection.constraints if METRICS.get(m).not_applicable_when_undefined]
+        if regional:
             self.notes.append(
-                f"Constraints on {', '.join(not_applicable)} count as met for models where no artifact is in view "
-                "(for example after the crop): the metric is not applicable there."
+                f"A constraint on {', '.join(regional)} counts as met only where the masks prove its region out of "
+                "the model's view (e.g. the crop removed every artifact); where the metric is undefined for any "
+                "other reason (no mask, blank maps) the model is unverified and ranks below verified models."
             )
         if self.skipped:
             self.notes.append(f"{len(self.skipped)} files could not be read and were skipped (skipped.csv).")
@@ -603,7 +675,7 @@ class SampleCache:
         if missing:
             self._compute(missing, keep_maps, occlusion)
         entries = [self._entries[id(s)] for s in samples]
-        frames = Frames(*(np.concatenate([getattr(e.frames, f) for e in entries]) for f in ("images", "lungs", "artifacts")))
+        frames = Frames.concatenate([e.frames for e in entries])
         features = CachedFeatures(
             torch.cat([e.pooled for e in entries]),
             torch.cat([e.feature_map for e in entries]) if keep_maps else None,
@@ -646,13 +718,14 @@ class SampleCache:
         keep_maps = keep_maps or any(e.feature_map is not None for e in held)
         occlusion = occlusion or any(e.occluded is not None for e in held)
         with runner.clock.stage("preprocess"):
-            frames = to_frames(samples, self.frame)
+            frames = to_frames(samples, self.frame, runner.protocol.border_fraction)
         features = self._features(frames.images, keep_maps)
         per_sample: list[dict] = [{} for _ in samples]
         if occlusion:
             with runner.clock.stage("occlude"), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                occluded = occlude(frames.images, frames.lungs, frames.artifacts, runner.protocol.metrics.border_fraction)
+                occluded = occlude(frames.images, frames.lungs, frames.artifact_footprint, frames.border_footprint,
+                                   frames.lung_footprint)
             for item in caught:
                 runner.warning_counts[str(item.message)] += 1
             for region in OCCLUSION_REGIONS:
@@ -669,6 +742,11 @@ class SampleCache:
                 features.maps[i : i + 1] if keep_maps else None,
                 per_sample[i] if occlusion else None,
             )
+
+
+def frame_name(frame: FrameSpec) -> str:
+    """The stratum of the validation: input size and crop ("128px" or "128px crop")."""
+    return f"{frame.input_size}px{' crop' if frame.crop else ''}"
 
 
 def _safe_name(text: str) -> str:
@@ -706,15 +784,25 @@ def external_findings(results: pd.DataFrame, models: pd.DataFrame) -> list[str]:
     return lines
 
 
-def aggregate_models(results: pd.DataFrame, specs: list[ModelSpec], n_folds: int) -> pd.DataFrame:
-    """models.csv: one row per model, mean and std over folds of every internal-split metric."""
-    internal = results[results["split"] == "internal"]
-    stats = internal.groupby(["model_id", "metric"])["value"].agg(["mean", "std"]).unstack("metric")
-    stats.columns = [f"{metric}_{stat}" for stat, metric in stats.columns]
-    ordered = sorted(stats.columns, key=lambda c: (c.rsplit("_", 1)[0], c.endswith("_std")))
-    grid = pd.DataFrame([s.grid_row() for s in specs]).set_index("model_id")
-    grid["n_folds"] = n_folds
-    return grid.join(stats[ordered]).reset_index()
+def runner_up_comparison(models: pd.DataFrame, images: pd.DataFrame, protocol: Protocol) -> list[str]:
+    """A paired patient-level bootstrap of the primary metric between rank 1 and rank 2, on the
+    internal test images both saw (same task); one line saying whether they can be told apart."""
+    if len(models) < 2 or protocol.metrics.bootstrap == 0 or protocol.selection.primary != "accuracy":
+        return []
+    first, second = models.iloc[0], models.iloc[1]
+    internal = images[images["split"] == "internal"]
+    pair = [internal[internal["model_id"] == m["model_id"]].set_index(["sample_id", "fold"]) for m in (first, second)]
+    common = pair[0].index.intersection(pair[1].index)
+    if not len(common):
+        return []
+    a, b = (frame.loc[common] for frame in pair)
+    result = paired_bootstrap(a["correct"].to_numpy(float), b["correct"].to_numpy(float),
+                              a["patient_id"].astype(str).to_numpy(), protocol.metrics.bootstrap, protocol.seed)
+    verdict = "can be told apart" if result.distinguishable else "cannot be told apart on these images"
+    return [
+        f"Rank 1 ({first['model_id']}) vs rank 2 ({second['model_id']}): accuracy difference {result.difference:+.3f} "
+        f"[95% CI {result.ci_low:+.3f}, {result.ci_high:+.3f}], paired bootstrap over patients: they {verdict}."
+    ]
 
 
 def run_protocol(protocol: Protocol, out_dir: Path, base_dir: Path | None = None, console: Console | None = None) -> dict:

@@ -4,10 +4,13 @@ Run: ``python -m pytest benchmarks/bench_gradcam.py --benchmark-only`` (needs th
 On a CPU shared with other work the times are noisy; ``OMP_NUM_THREADS=1`` in front steadies them.
 
 On 8 images at 224 px with efficientnet_lite0 (ImageNet weights, shipped locally) and the study's head,
-it times: plain inference under ``torch.no_grad()``; auditbench's GradCAM (backbone without a graph,
-head with one); captum's LayerGradCam (forward with a graph through the whole model, gradient asked
+it times: plain inference under ``torch.no_grad()``; auditbench's GradCAM at layer ``last`` (backbone
+without a graph, head with one) and at ``stride16`` / ``stride8`` (``blocks.4`` / ``blocks.2``: the bottom
+without a graph, a backward through the top blocks and the head only), all with the default log-odds
+score; captum's LayerGradCam (forward with a graph through the whole model, gradient asked
 only at the backbone's output, bilinear upsampling); and pytorch-grad-cam's GradCAM (hooks,
-``backward()`` through the whole model, per-image min-max scaling on the CPU). Each result stores its
+``backward()`` through the whole model, per-image min-max scaling on the CPU) at the backbone's output
+and at the stride-8 level. Each result stores its
 ratio to inference (fastest rounds) in ``extra_info``; the ratios are printed after the table. Read
 the ratios: absolute times depend on the machine. Uses the GPU when torch sees one.
 """
@@ -63,7 +66,7 @@ def _measure(benchmark, bench_summary: list[str], label: str, fn: Callable[[], o
         ratio = _fastest[label] / _fastest["inference"]
         benchmark.extra_info["ratio_to_inference"] = round(ratio, 2)
         bench_summary.append(
-            f"{label:<20} {_fastest[label] * 1e3:8.1f} ms  {ratio:5.2f} x inference"
+            f"{label:<26} {_fastest[label] * 1e3:8.1f} ms  {ratio:5.2f} x inference"
             f"  (min of {ROUNDS} rounds, {DEVICE}, {BATCH} x {SIZE} px)"
         )
 
@@ -78,7 +81,15 @@ def test_inference(benchmark, bench_summary, model, batch):
 
 def test_auditbench_gradcam(benchmark, bench_summary, model, batch):
     cam = GradCAM(model)
+    benchmark.extra_info.update(layer="last", score=cam.score)
     _measure(benchmark, bench_summary, "auditbench GradCAM", lambda: cam(batch, target=POSITIVE))
+
+
+@pytest.mark.parametrize("layer", ["stride16", "stride8"])
+def test_auditbench_gradcam_finer_layer(benchmark, bench_summary, model, batch, layer):
+    cam = GradCAM(model, layer=layer)
+    benchmark.extra_info.update(layer=layer, module=cam.level["module"], score=cam.score)
+    _measure(benchmark, bench_summary, f"auditbench {layer}", lambda: cam(batch, target=POSITIVE))
 
 
 def test_captum_layer_gradcam(benchmark, bench_summary, model, batch):
@@ -91,10 +102,14 @@ def test_captum_layer_gradcam(benchmark, bench_summary, model, batch):
     _measure(benchmark, bench_summary, "captum LayerGradCam", explain)
 
 
-def test_pytorch_grad_cam(benchmark, bench_summary, model, batch):
-    cam = PytorchGradCAM(model=model, target_layers=[model.backbone])
+@pytest.mark.parametrize("layer", ["last", "stride8"])
+def test_pytorch_grad_cam(benchmark, bench_summary, model, batch, layer):
+    module = model.backbone if layer == "last" else model.backbone.layer_module(layer)
+    cam = PytorchGradCAM(model=model, target_layers=[module])
     targets = [ClassifierOutputTarget(POSITIVE)] * BATCH
+    benchmark.extra_info.update(layer=layer, score="logit")
+    label = "pytorch-grad-cam" if layer == "last" else f"pytorch-grad-cam {layer}"
     try:
-        _measure(benchmark, bench_summary, "pytorch-grad-cam", lambda: cam(input_tensor=batch, targets=targets))
+        _measure(benchmark, bench_summary, label, lambda: cam(input_tensor=batch, targets=targets))
     finally:
         cam.activations_and_grads.release()  # its hooks would otherwise stay on the shared model

@@ -5,14 +5,11 @@ import warnings
 from contextlib import contextmanager
 
 import numpy as np
-import pandas as pd
 import pytest
-from scipy.stats import mannwhitneyu
 
 from auditbench.audit.metrics import (
     METRICS, MetricWarning, attention_metrics, border_band, classification_metrics, metric_names,
 )
-from auditbench.audit.validation import VALIDATION_COLUMNS, metric_separation
 from auditbench.registry import UnknownNameError
 
 # 4x4 map, total mass 8:      lungs = left two columns (area 8 of 16)
@@ -44,9 +41,12 @@ def test_registry_declares_directions_and_applicability():
     assert not METRICS.get("artifact_occlusion_effect").higher_is_better
     assert METRICS.get("lung_occlusion_effect").higher_is_better
     applicable = {n for n, m in METRICS.items() if m.not_applicable_when_undefined}
-    assert applicable == {"artifact_mass", "artifact_occlusion_effect"}
+    assert applicable == {
+        "artifact_mass", "artifact_enrichment", "artifact_occlusion_effect", "border_mass", "border_occlusion_effect",
+        "shortcut_reliance"}
     assert metric_names("attention") == [
-        "artifact_mass", "border_mass", "lung_enrichment", "lung_mass", "pointing_game"]
+        "artifact_enrichment", "artifact_mass", "border_mass", "lung_enrichment", "lung_mass", "pointing_game"]
+    assert metric_names("behaviour") == ["shortcut_accuracy_drop", "shortcut_reliance"]
     assert metric_names("occlusion") == [
         "artifact_occlusion_effect", "border_occlusion_effect", "lung_occlusion_effect"]
     assert "tp" not in METRICS  # counts are reported, never ranked
@@ -54,13 +54,13 @@ def test_registry_declares_directions_and_applicability():
         METRICS.get("lung_mas")
 
 
-def test_border_band_width_rounds_half_up_per_side():
+def test_border_band_width_is_the_generators_floor_per_side():
     ring = [[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
     assert border_band((4, 4), 0.25).astype(int).tolist() == ring
-    band = border_band((224, 224), 0.08)  # 17.92 -> 18 px per side
-    assert band[17, 100] and not band[18, 100] and band[100, 206] and not band[100, 205]
-    band = border_band((10, 20), 0.25)  # rows 2.5 -> 3, columns 5 -> 5
-    assert band.sum() == 10 * 20 - (10 - 6) * (20 - 10)
+    band = border_band((128, 128), 0.12)  # 15.36 -> 15 px per side, SyntheticConfig.band_px
+    assert band[14, 60] and not band[15, 60] and band[60, 113] and not band[60, 112]
+    band = border_band((10, 20), 0.25)  # rows 2.5 -> 2, columns 5 -> 5
+    assert band.sum() == 10 * 20 - (10 - 4) * (20 - 10)
     assert not border_band((8, 8), 0.0).any()
     with pytest.raises(ValueError):
         border_band((8, 8), 0.5)
@@ -68,14 +68,35 @@ def test_border_band_width_rounds_half_up_per_side():
 
 def test_attention_metrics_on_a_4x4_map():
     with _no_warnings():
-        result = attention_metrics(H[None], LUNGS[None], _mask((3, 3))[None], border_fraction=0.25)
+        result = attention_metrics(H[None], LUNGS[None], _mask((3, 3))[None], border_band((4, 4), 0.25))
     v = {k: float(a[0]) for k, a in result.values.items()}
     assert v["lung_mass"] == pytest.approx(3 / 8)  # (1,1)=2 and (2,1)=1
     assert v["lung_enrichment"] == pytest.approx((3 / 8) / (8 / 16))
     assert v["border_mass"] == pytest.approx(4 / 8)  # only (3,3)=4 lies on the ring
     assert v["artifact_mass"] == pytest.approx(4 / 8)
+    assert v["artifact_enrichment"] == pytest.approx((4 / 8) / (1 / 16))
     assert v["pointing_game"] == 0.0  # argmax (3,3) is outside the lungs
-    assert result.nan_counts == {"zero_map": 0, "empty_lung_mask": 0, "no_artifact": 0}
+    assert result.nan_counts == {"zero_map": 0, "empty_lung_mask": 0, "no_artifact": 0, "no_border": 0}
+
+
+def test_artifact_metrics_use_the_mask_dilated_by_one_map_cell():
+    # 8x8 frame, map cell 2 px: the artifact pixel (0, 7) grows to rows 0-2, columns 5-7 (9 px).
+    heat = np.zeros((1, 8, 8))
+    heat[0, 2, 5] = 3.0  # inside the dilated mask, outside the artifact itself
+    heat[0, 6, 1] = 1.0
+    artifact = np.zeros((1, 8, 8), bool)
+    artifact[0, 0, 7] = True
+    lungs = np.zeros((1, 8, 8), bool)
+    lungs[0, 4:8, 2:4] = True  # (6, 1) is one pixel from the lungs
+    exact = attention_metrics(heat, lungs, artifact, cell_px=0).values
+    cell = attention_metrics(heat, lungs, artifact, cell_px=2).values
+    assert exact["artifact_mass"][0] == 0.0 and cell["artifact_mass"][0] == pytest.approx(3 / 4)
+    assert cell["artifact_enrichment"][0] == pytest.approx((3 / 4) / (9 / 64))
+    # pointing game: argmax (2, 5) is 2 columns and 2 rows from the lungs' corner (4, 3): sqrt(8) > 2
+    assert cell["pointing_game"][0] == 0.0
+    heat[0, 2, 5] = 0.5  # now the peak is (6, 1), one pixel left of the lungs: a hit within a cell
+    assert attention_metrics(heat, lungs, artifact, cell_px=2).values["pointing_game"][0] == 1.0
+    assert attention_metrics(heat, lungs, artifact, cell_px=0).values["pointing_game"][0] == 0.0
 
 
 def test_mass_all_half_none_and_raw_maps_are_not_normalised():
@@ -106,7 +127,7 @@ def test_zero_and_non_finite_maps_are_nan_with_a_counted_warning():
     maps = np.stack([H, np.zeros((4, 4)), np.full((4, 4), np.nan)])
     lungs = np.broadcast_to(LUNGS, (3, 4, 4))
     with pytest.warns(MetricWarning, match="2 of 3 heatmaps are all zero"):
-        result = attention_metrics(maps, lungs, np.broadcast_to(_mask((3, 3)), (3, 4, 4)), 0.25)
+        result = attention_metrics(maps, lungs, np.broadcast_to(_mask((3, 3)), (3, 4, 4)), border_band((4, 4), 0.25))
     for name, values in result.values.items():
         assert not np.isnan(values[0]), name
         assert np.isnan(values[1:]).all(), name
@@ -116,7 +137,7 @@ def test_zero_and_non_finite_maps_are_nan_with_a_counted_warning():
 def test_empty_lung_mask_is_nan_not_zero():
     lungs = np.stack([LUNGS, np.zeros((4, 4), bool)])
     with pytest.warns(MetricWarning, match="1 of 2 lung masks are empty"):
-        result = attention_metrics(np.stack([H, H]), lungs, border_fraction=0.25)
+        result = attention_metrics(np.stack([H, H]), lungs, border_masks=border_band((4, 4), 0.25))
     for name in ("lung_mass", "lung_enrichment", "pointing_game"):
         assert np.isnan(result.values[name][1]) and not np.isnan(result.values[name][0])
     np.testing.assert_allclose(result.values["border_mass"], [0.5, 0.5])  # still defined
@@ -160,33 +181,3 @@ def test_classification_metrics_with_one_class_are_nan_not_perfect():
     assert np.isnan(m["specificity"]) and np.isnan(m["balanced_accuracy"]) and np.isnan(m["roc_auc"])
     with pytest.raises(ValueError):
         classification_metrics(np.array([0, 2]), np.array([0.2, 0.9]))
-
-
-def test_metric_separation_two_vs_two_models():
-    models = pd.DataFrame({
-        "lung_mass_mean": [0.2, 0.5, 0.4, 0.6],
-        "border_mass_mean": [0.3, 0.1, 0.1, 0.05],
-        "artifact_mass_mean": [np.nan, 0.2, np.nan, np.nan],
-    }, index=["s1", "s2", "c1", "c2"])
-    is_shortcut = pd.Series([False, False, True, True], index=["c1", "c2", "s1", "s2"])  # aligned by index
-    table = metric_separation(models, is_shortcut, ["lung_mass", "border_mass", "artifact_mass"])
-    assert list(table.columns) == VALIDATION_COLUMNS
-    table = table.set_index("metric")
-
-    lung = table.loc["lung_mass"]  # lower is worse: 0.2<0.4, 0.2<0.6, 0.5<0.6 hold, 0.5<0.4 does not
-    assert lung["auroc"] == pytest.approx(3 / 4) and not lung["separates"]
-    assert (lung["mean_shortcut"], lung["mean_clean"]) == pytest.approx((0.35, 0.5))
-    assert lung["difference"] == pytest.approx(-0.15)
-    u = mannwhitneyu([0.4, 0.6], [0.2, 0.5]).statistic  # U of clean over shortcut = shortcut-worse pairs
-    assert lung["auroc"] == pytest.approx(u / 4)
-
-    border = table.loc["border_mass"]  # higher is worse: 3 pairs + the tie 0.1 vs 0.1 counted 1/2
-    assert border["auroc"] == pytest.approx(3.5 / 4) and not border["separates"]
-    assert not border["higher_is_better"] and border["kind"] == "attention"
-
-    artifact = table.loc["artifact_mass"]  # no clean model has a value
-    assert (artifact["n_shortcut_models"], artifact["n_clean_models"]) == (1, 0)
-    assert np.isnan(artifact["auroc"]) and not artifact["separates"]
-
-    models["border_mass_mean"] = [0.3, 0.2, 0.1, 0.05]
-    assert metric_separation(models, is_shortcut, ["border_mass"])["separates"].item()  # auroc 1.0

@@ -5,34 +5,34 @@ import numpy as np
 import pytest
 
 from auditbench.audit.metrics import MetricWarning, border_band
-from auditbench.audit.occlusion import fill_background, fill_lung_median, occlusion_effects
+from auditbench.audit.occlusion import fill_lung_median, inpaint, occlusion_effects
 
 
-def test_fill_background_inpaints_a_small_marker_from_a_linear_background():
+def test_inpaint_restores_a_linear_background_around_a_marker():
     ramp = np.tile(np.linspace(0.1, 0.8, 16, dtype=np.float32), (16, 1))
     image = ramp.copy()
     marker = np.zeros((16, 16), bool)
     marker[5:8, 6:10] = True
     image[marker] = 1.0
-    filled = fill_background(image, marker)
-    np.testing.assert_allclose(filled, ramp, atol=1e-5)  # a linear ramp solves the biharmonic equation
+    np.testing.assert_allclose(inpaint(image, marker), ramp, atol=1e-5)  # a ramp is harmonic
 
 
-def test_fill_background_fills_the_border_band_from_just_inside():
-    image = np.tile(np.arange(12, dtype=np.float32) / 20, (12, 1))  # value = column / 20
+def test_inpaint_fills_the_border_band_from_inside_only():
+    image = np.full((12, 12), 0.3, np.float32)
     band = border_band((12, 12), 0.25)  # 3 px
     image[band] = 1.0
-    filled = fill_background(image, band, max_inpaint_pixels=10)  # the ring (108 px) takes the fast fill
-    # (0, c) copies the 5x5 mean of unmasked pixels around (3, c): columns c-2..c+2 average to c / 20
-    np.testing.assert_allclose(filled[:3, 5:7], [[5 / 20, 6 / 20]] * 3, atol=1e-6)
+    filled = inpaint(image, band)
+    np.testing.assert_allclose(filled, 0.3, atol=1e-6)  # only the 0.3 interior is known
     np.testing.assert_array_equal(filled[~band], image[~band])
 
 
-def test_fill_background_edge_cases():
+def test_inpaint_edge_cases():
     image = np.full((4, 4), 0.3, np.float32)
-    np.testing.assert_array_equal(fill_background(image, np.zeros((4, 4), bool)), image)
+    np.testing.assert_array_equal(inpaint(image, np.zeros((4, 4), bool)), image)
     with pytest.raises(ValueError, match="whole image"):
-        fill_background(image, np.ones((4, 4), bool))
+        inpaint(image, np.ones((4, 4), bool))
+    with pytest.raises(ValueError, match="shape"):
+        inpaint(image, np.zeros((3, 4), bool))
 
 
 def test_fill_lung_median():
@@ -43,6 +43,9 @@ def test_fill_lung_median():
     filled = fill_lung_median(image, lungs)
     np.testing.assert_allclose(filled[lungs], 0.25)  # median of 0.1, 0.2, 0.3, 0.9
     np.testing.assert_array_equal(filled[~lungs], 0.0)
+    footprint = np.zeros((4, 4), bool)
+    footprint[1:4, 1:3] = True  # the resampling footprint reaches one row further
+    np.testing.assert_allclose(fill_lung_median(image, lungs, footprint)[footprint], 0.25)
     with pytest.raises(ValueError, match="empty"):
         fill_lung_median(image, np.zeros((4, 4), bool))
 
@@ -56,6 +59,9 @@ class BoxModel:
     def __call__(self, x):
         self.seen += len(x)
         return 0.5 * x[:, 0:4, :].mean(axis=(1, 2)) + 0.5 * x[:, 9:11, 8:10].mean(axis=(1, 2))
+
+
+BAND = border_band((16, 16), 0.25)  # the outer 4 px
 
 
 def _phantoms():
@@ -79,9 +85,10 @@ def test_occlusion_effects_by_hand():
     images, lungs, artifacts = _phantoms()
     model = BoxModel()
     with pytest.warns(MetricWarning, match="1 of 3 lung masks are empty"):
-        effects = occlusion_effects(model, images, lungs, artifacts, border_fraction=0.25, batch_size=2)
+        effects = occlusion_effects(model, images, lungs, artifacts, border_footprints=BAND, batch_size=2)
     # A: p = 0.5 * (16 * 1.0 + 48 * 0.2) / 64 + 0.5 * 1.0 = 0.7
-    #    marker inpainted -> top 0.2 -> p 0.6; band filled from the 0.2 just inside -> p 0.6;
+    #    marker inpainted from its 0.2 surroundings -> top 0.2 -> p 0.6; band filled from the 0.2
+    #    inside it (the marker it touches too) -> p 0.6;
     #    lungs -> median 0.6, box 1.0 -> 0.6 -> p 0.5
     # B: p = 0.5 * 0.5 + 0.5 * 0.2 = 0.35; band filled -> p 0.2; uniform lungs do not change
     np.testing.assert_allclose(effects["artifact_occlusion_effect"], [0.1, np.nan, np.nan], atol=1e-6)
@@ -97,7 +104,7 @@ def test_occlusion_effects_reuses_p_original_and_accepts_missing_artifacts():
     p = model(images)
     model.seen = 0
     with pytest.warns(MetricWarning):
-        effects = occlusion_effects(model, images, lungs, None, border_fraction=0.25, p_original=p)
+        effects = occlusion_effects(model, images, lungs, None, border_footprints=BAND, p_original=p)
     assert np.isnan(effects["artifact_occlusion_effect"]).all()
     assert model.seen == 3 + 2  # border for all, lungs for the two with a mask; no p(x), no artifact pass
 

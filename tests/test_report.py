@@ -17,17 +17,17 @@ from auditbench.report.tables import ResultsError, ResultTables, read_tables, wr
 
 XSS = "<script>alert(1)</script>"
 METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "lung_mass", "border_mass", "artifact_mass",
-           "lung_enrichment", "pointing_game", "artifact_occlusion_effect"]
-# model id -> (crop, shortcut_strength, rank, selected, meets, violations, not_applicable, pareto)
+           "lung_enrichment", "pointing_game", "artifact_occlusion_effect", "shortcut_reliance"]
+# model id -> (crop, shortcut_strength, rank, selected, meets, violations, not_applicable, pareto, unverified)
 MODELS = {
-    "r18-crop-s0": (True, 0.0, 1, True, True, "", "artifact_mass", True),
-    "r18-nocrop-s0": (False, 0.0, 2, False, True, "", "", True),
-    "r18-nocrop-s1": (False, 1.0, 3, False, False, "lung_mass=0.31 < min 0.5", "", False),
+    "r18-crop-s0": (True, 0.0, 1, True, True, "", "artifact_mass", True, ""),
+    "r18-nocrop-s0": (False, 0.0, 2, False, True, "", "", True, "artifact_occlusion_effect"),
+    "r18-nocrop-s1": (False, 1.0, 3, False, False, "lung_mass=0.31 < min 0.5", "", False, ""),
 }
 MEANS = {  # model id -> metric means
-    "r18-crop-s0": [0.80, 0.79, 0.85, 0.66, 0.02, math.nan, 1.30, 0.9, math.nan],
-    "r18-nocrop-s0": [0.84, 0.83, 0.90, 0.58, 0.10, 0.01, 1.10, 0.8, 0.02],
-    "r18-nocrop-s1": [0.90, 0.89, 0.95, 0.31, 0.40, 0.20, 0.60, 0.4, 0.95],
+    "r18-crop-s0": [0.80, 0.79, 0.85, 0.66, 0.02, math.nan, 1.30, 0.9, math.nan, 0.0],
+    "r18-nocrop-s0": [0.84, 0.83, 0.90, 0.58, 0.10, 0.01, 1.10, 0.8, math.nan, 0.02],
+    "r18-nocrop-s1": [0.90, 0.89, 0.95, 0.31, 0.40, 0.20, 0.60, 0.4, 0.95, 0.40],
 }
 
 
@@ -45,13 +45,15 @@ def make_tables() -> ResultTables:
     grid = {"backbone": "resnet18", "weights": "none", "hidden": 256, "finetune": False, "augment": False,
             "task": "covid_vs_non_covid"}
     models, results, images, gallery = [], [], [], []
-    for model_id, (crop, strength, rank, selected, meets, violations, na, pareto) in MODELS.items():
+    for model_id, (crop, strength, rank, selected, meets, violations, na, pareto, unverified) in MODELS.items():
         config = {"model_id": model_id, **grid, "crop": crop, "shortcut_strength": strength}
-        row = {**config, "n_folds": 2}
+        row = {**config, "n_folds": 2, "input_size": 128, "frame": "128px crop" if crop else "128px",
+               "cam_layer": "layer4", "cam_map_size": 4, "cam_stride": 32}
         for metric, mean in zip(METRICS, MEANS[model_id]):
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, 0.01
-        row.update(rank=rank, selected=selected, meets_constraints=meets, violations=violations,
-                   not_applicable=na, pareto=pareto)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean - 0.02, mean + 0.02
+        row.update(not_applicable=na, meets_constraints=meets, verified=not unverified, violations=violations,
+                   unverified=unverified, rank=rank, selected=selected, pareto=pareto)
         models.append(row)
         for fold in (0, 1):
             for metric, value in (("accuracy", MEANS[model_id][0]), ("tn", 4), ("fp", 1), ("fn", 2), ("tp", 3)):
@@ -68,18 +70,26 @@ def make_tables() -> ResultTables:
                     "source": "ieee8023" if index else "kermany", "patient_id": "p1", "path": f"img/{sample_id}.png",
                     "label": label, "label_index": index, "prediction": predicted, "p_positive": 0.7 if predicted else 0.2,
                     "correct": predicted == index, "mask_source": mask_source, "has_artifact": False,
-                    "lung_mass": 0.6, "artifact_mass": math.nan,
+                    "artifact_status": "absent", "border_in_view": not crop, "lung_mass": 0.6, "artifact_mass": math.nan,
                 })
         for kind, lung_mass in (("best", 0.9), ("worst", 0.1)):
             gallery.append({"model_id": model_id, "sample_id": XSS, "fold": 0, "kind": kind, "lung_mass": lung_mass,
                             "p_positive": 0.7, "label": "covid", "file": f"gallery/{model_id}_{kind}.png"})
+    def validation_row(metric, higher, kind, frame, n, means, auroc, auroc_ci, spearman, spearman_ci, separates):
+        return {"metric": metric, "higher_is_better": higher, "kind": kind, "frame": frame, "n_models": sum(n),
+                "n_relying": n[0], "n_not_relying": n[1], "mean_relying": means[0], "mean_not_relying": means[1],
+                "auroc": auroc, "auroc_ci_low": auroc_ci[0], "auroc_ci_high": auroc_ci[1], "spearman": spearman,
+                "spearman_ci_low": spearman_ci[0], "spearman_ci_high": spearman_ci[1], "separates": separates}
+
     validation = pd.DataFrame([
-        {"metric": "lung_mass", "higher_is_better": True, "kind": "attention", "n_shortcut_models": 1,
-         "n_clean_models": 2, "mean_shortcut": 0.31, "mean_clean": 0.62, "difference": -0.31, "auroc": 0.62,
-         "separates": False},
-        {"metric": "artifact_occlusion_effect", "higher_is_better": False, "kind": "occlusion",
-         "n_shortcut_models": 1, "n_clean_models": 2, "mean_shortcut": 0.95, "mean_clean": 0.02,
-         "difference": 0.93, "auroc": 1.0, "separates": True},
+        validation_row("lung_mass", True, "attention", "all", (1, 2), (0.31, 0.62), 0.62, (0.40, 0.85),
+                       0.30, (-0.20, 0.70), False),
+        validation_row("artifact_occlusion_effect", False, "occlusion", "all", (1, 1), (0.95, 0.02), 1.0,
+                       (0.93, 1.0), 0.88, (0.55, 1.0), True),
+        validation_row("lung_mass", True, "attention", "128px", (1, 1), (0.31, 0.58), 0.97, (0.41, 1.0),
+                       0.50, (-0.10, 0.90), False),
+        validation_row("lung_mass", True, "attention", "128px crop", (0, 1), (math.nan, 0.66), math.nan,
+                       (math.nan, math.nan), math.nan, (math.nan, math.nan), False),
     ])
     skipped = pd.DataFrame([{"path": "data/<b>bad</b>.png", "reason": "cannot identify image file", "source": "kermany"}])
     summary = {
@@ -188,20 +198,32 @@ def test_report_content(run_dir):
     # Ranking: rank order, mean ± std, arrows, the violated constraint in red, n/a counted as met.
     ranking = html[html.index('id="ranking"'):html.index('id="scatter"')]
     assert ranking.index("r18-crop-s0") < ranking.index("r18-nocrop-s0") < ranking.index("r18-nocrop-s1")
-    assert '0.800<span class="sd">± 0.010</span>' in ranking
+    assert '0.800 <span class="ci">[0.78, 0.82]</span><span class="sd">± 0.010</span>' in ranking
     assert "lung_<wbr>mass&nbsp;↑" in ranking and "border_<wbr>mass&nbsp;↓" in ranking
-    assert '<td class="num bad">0.310<span class="sd">± 0.010</span></td>' in ranking
-    assert "n/a, counted as met: artifact_mass" in ranking
+    assert '<td class="num bad">0.310 <span class="ci">[0.29, 0.33]</span><span class="sd">± 0.010</span></td>' in ranking
+    assert "n/a by construction, counted as met: artifact_mass" in ranking
+    assert "? unverified: artifact_occlusion_effect" in ranking and ranking.count("✓ meets all") == 1
+    assert "128px crop" in ranking and "4×4 map, stride 32 px" in ranking
     assert "lung_mass=0.31 &lt; min 0.5" in ranking
     # Scatter: one point per model, shortcut-trained marked, Pareto step line, selected ring.
     svg = html[html.index("<svg"):html.index("</svg>")]
     assert svg.count("<title>") == 3 and svg.count('class="shortcut"') == 1 and svg.count('class="ring"') == 1
+    assert svg.count('class="whisker"') == 6  # x and y CI per model
+    assert "relies on the marker (shortcut_reliance &gt; 0.1)" in html
     assert re.search(r'class="front" d="M[\d.]+,[\d.]+ V[\d.]+ H[\d.]+"', svg)
     # Crop pairs, validation verdicts, external sets, confusion, gallery captions, data.
     crop = html[html.index('id="crop"'):html.index('id="validation"')]
     assert "mean (1 pair)" in crop and "0.660" in crop and "0.580" in crop
     validation = html[html.index('id="validation"'):html.index('id="external"')]
     assert "does not separate" in validation and ">separates<" in validation and "1.00" in validation
+    assert "shortcut mean − clean mean" not in validation and "clean twin" in validation
+    main = validation[:validation.index("<details>")]
+    assert main.count("<tr><td><code>") == 2 and "128px" not in main
+    assert '0.62 <span class="ci">[0.40, 0.85]</span>' in main and '+0.88 <span class="ci">[+0.55, +1.00]</span>' in main
+    per_frame = validation[validation.index("<details>"):]
+    assert per_frame.count('class="frame-row"') == 2
+    assert "<td class=\"id\">128px</td>" in per_frame and "<td class=\"id\">128px crop</td>" in per_frame
+    assert "does not separate (CI reaches 0.5)" in per_frame and "cannot tell" in per_frame
     external = html[html.index('id="external"'):html.index('id="confusion"')]
     assert "ext_normal" in external and "covid 100% · normal 0%" in external and "-0.550" in external
     confusion = html[html.index('id="confusion"'):html.index('id="gallery"')]
@@ -217,3 +239,21 @@ def test_no_selected_model_is_loud(run_dir):
     (run_dir / "summary.json").write_text(json.dumps(summary))
     html = render_report(run_dir).read_text()
     assert "No model meets the constraints" in html
+
+
+def test_older_tables_without_new_optional_columns_still_render():
+    from auditbench.report.html import render_html
+
+    tables = make_tables()
+    new = [c for c in tables.models if c.endswith(("_ci_low", "_ci_high")) or c.startswith("shortcut_reliance")]
+    tables.models = tables.models.drop(columns=[*new, "frame", "cam_map_size", "cam_stride", "verified", "unverified"])
+    tables.validation = tables.validation[tables.validation["frame"] == "all"].drop(
+        columns=["frame", "auroc_ci_low", "auroc_ci_high", "spearman", "spearman_ci_low", "spearman_ci_high"])
+    html = render_html(tables)
+    ranking = html[html.index('id="ranking"'):html.index('id="scatter"')]
+    assert 'class="ci"' not in ranking and "unverified:" not in ranking and "frame / map" not in ranking
+    svg = html[html.index("<svg"):html.index("</svg>")]
+    assert 'class="whisker"' not in svg and svg.count('class="shortcut"') == 1  # shortcut_strength colouring
+    assert "shortcut in training (shortcut_strength &gt; 0)" in html
+    validation = html[html.index('id="validation"'):html.index('id="external"')]
+    assert ">separates<" in validation and "<details>" not in validation

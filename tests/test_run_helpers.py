@@ -1,6 +1,7 @@
 import pandas as pd
 
-from auditbench.run import aggregate_models, external_findings, stable_seed
+from auditbench.audit.aggregate import aggregate_models
+from auditbench.run import external_findings, stable_seed
 
 
 def _rows(model, split, fold, **metrics):
@@ -29,10 +30,19 @@ def test_aggregate_models_mean_and_std_over_folds_of_the_internal_split():
     results = pd.DataFrame(
         _rows("m", "internal", 0, accuracy=0.5) + _rows("m", "internal", 1, accuracy=1.0) + _rows("m", "ext", 0, accuracy=0.0)
     )
-    row = aggregate_models(results, [spec], n_folds=2).iloc[0]
+    images = pd.DataFrame({
+        "model_id": "m", "split": "internal", "patient_id": ["p1", "p2"], "label_index": [0, 1],
+        "correct": [True, False], "p_positive": [0.2, 0.3], "artifact_status": "absent", "border_in_view": False,
+    })
+    geometry = {"m": {"input_size": 64, "frame": "64px", "cam_layer": "last", "cam_map_size": 2, "cam_stride": 32}}
+    row = aggregate_models(results, images, pd.DataFrame([spec.grid_row()]), 2, geometry, n_boot=50).iloc[0]
     assert row["accuracy_mean"] == 0.75
     assert abs(row["accuracy_std"] - 0.3535533906) < 1e-9  # sample std of (0.5, 1.0)
     assert row["n_folds"] == 2 and row["task"] == "covid_vs_viral"
+    assert (row["cam_map_size"], row["cam_stride"], row["frame"]) == (2, 32, "64px")
+    # accuracy CI over 2 patients, one right and one wrong: replicate accuracies lie in {0, 0.5, 1}
+    assert row["accuracy_ci_low"] == 0.0 and row["accuracy_ci_high"] == 1.0
+    assert row["not_applicable"] == ""
 
 
 def test_stable_seed_is_fixed_text_hash():

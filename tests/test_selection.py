@@ -18,33 +18,37 @@ RULE = SelectionRule(
 
 def _models():
     return pd.DataFrame({
-        "model_id": ["a", "b", "c", "d"],
-        "accuracy_mean": [0.90, 0.95, 0.85, 0.90],
-        "lung_mass_mean": [0.60, 0.3125, 0.70, np.nan],
-        "artifact_occlusion_effect_mean": [0.05, 0.50, np.nan, 0.02],
+        "model_id": ["a", "b", "c", "d", "e"],
+        "accuracy_mean": [0.90, 0.95, 0.85, 0.90, 0.97],
+        "lung_mass_mean": [0.60, 0.3125, 0.70, np.nan, 0.80],
+        "artifact_occlusion_effect_mean": [0.05, 0.50, np.nan, 0.02, np.nan],
+        # c: the crop removed every artifact (proved by the masks); e: no artifact mask at all
+        "not_applicable": ["", "", "artifact_occlusion_effect", "", ""],
     })
 
 
 def test_rank_models_orders_flags_and_selects():
     ranked = rank_models(_models(), RULE).set_index("model_id")
-    # meeting all constraints: a (0.90), c (0.85); then the others by accuracy: b (0.95), d (0.90)
-    assert ranked.index.tolist() == ["a", "c", "b", "d"]
-    assert ranked["rank"].tolist() == [1, 2, 3, 4]
-    assert ranked["meets_constraints"].tolist() == [True, True, False, False]
-    assert ranked["selected"].tolist() == [True, False, False, False]
+    # verified and meeting all: a (0.90), c (0.85); unverified: e (0.97), d (0.90); violating: b
+    assert ranked.index.tolist() == ["a", "c", "e", "d", "b"]
+    assert ranked["rank"].tolist() == [1, 2, 3, 4, 5]
+    assert ranked["meets_constraints"].tolist() == [True, True, True, True, False]
+    assert ranked["verified"].tolist() == [True, True, False, False, True]
+    assert ranked["selected"].tolist() == [True, False, False, False, False]
     assert ranked.loc["b", "violations"] == (
         "lung_mass=0.312 < min 0.5; artifact_occlusion_effect=0.5 > max 0.1")
-    assert ranked.loc["d", "violations"] == "lung_mass=NaN (undefined)"  # NaN lung_mass is a violation
-    assert ranked.loc["c", "not_applicable"] == "artifact_occlusion_effect"  # NaN artifact effect is not
+    assert ranked.loc["d", "unverified"] == "lung_mass"  # NaN without proof: unverified, not met
+    assert ranked.loc["e", "unverified"] == "artifact_occlusion_effect"  # the most accurate cannot win unverified
+    assert ranked.loc["c", "not_applicable"] == "artifact_occlusion_effect" and ranked.loc["c", "unverified"] == ""
     assert ranked.loc["a", "violations"] == "" and ranked.loc["a", "not_applicable"] == ""
-    # accuracy vs lung_mass: a, b, c trade off; d has no lung_mass
-    assert ranked["pareto"].tolist() == [True, True, True, False]
+    # accuracy vs lung_mass: e dominates a, b and c; d has no lung_mass
+    assert ranked["pareto"].tolist() == [False, False, True, False, False]
 
 
-def test_ties_are_broken_by_model_id_and_nan_primary_goes_last():
-    models = pd.DataFrame({"model_id": ["m2", "m3", "m1"], "accuracy_mean": [0.8, np.nan, 0.8],
-                           "lung_mass_mean": [0.5, 0.5, 0.5]})
-    assert rank_models(models, SelectionRule())["model_id"].tolist() == ["m1", "m2", "m3"]
+def test_ties_follow_the_second_pareto_metric_then_model_id_and_nan_primary_goes_last():
+    models = pd.DataFrame({"model_id": ["m2", "m3", "m1", "m0"], "accuracy_mean": [0.8, np.nan, 0.8, 0.8],
+                           "lung_mass_mean": [0.5, 0.5, 0.5, 0.4]})
+    assert rank_models(models, SelectionRule())["model_id"].tolist() == ["m1", "m2", "m0", "m3"]
 
 
 def test_lower_is_better_primary():
@@ -57,10 +61,12 @@ def test_lower_is_better_primary():
 
 def test_no_model_meets_the_constraints_so_none_is_selected():
     rule = SelectionRule(constraints=[Constraint("lung_mass", min=0.99)])
-    with pytest.warns(SelectionWarning, match="none of 4 models is selected"):
+    with pytest.warns(SelectionWarning, match="none of 5 models is selected"):
         ranked = rank_models(_models(), rule)
-    assert not ranked["selected"].any() and not ranked["meets_constraints"].any()
-    assert ranked["model_id"].tolist() == ["b", "a", "d", "c"]  # still ranked by accuracy, then model_id
+    assert not ranked["selected"].any()
+    # d violates nothing but is unverified; the others violate and follow by accuracy
+    assert ranked["model_id"].tolist() == ["d", "e", "b", "a", "c"]
+    assert ranked["meets_constraints"].tolist() == [True, False, False, False, False]
 
 
 def test_pareto_front_uses_declared_directions():

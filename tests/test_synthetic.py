@@ -1,12 +1,22 @@
 """The synthetic phantoms: determinism, exact ground truth, artifact placement and the shortcut law."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
-from auditbench.data.synthetic import SYNTHETIC_CLASSES, SyntheticConfig, generate, render_phantom
-from auditbench.data.transforms import FrameSpec, mask_to_model_frame
+from auditbench.data.synthetic import (
+    ARTIFACT_PLACEMENTS,
+    SYNTHETIC_CLASSES,
+    SyntheticConfig,
+    _place_inside,
+    generate,
+    render_phantom,
+)
+from auditbench.data.transforms import STUDY_CROP_RATIO, FrameSpec, mask_to_model_frame
 
 SMALL = SyntheticConfig(n_images=24, image_size=64, classes=SYNTHETIC_CLASSES, seed=3)
 
@@ -196,6 +206,7 @@ def test_disease_patterns_have_their_distribution():
         (dict(classes=("normal", "viral")), "positive_class 'covid' is not one of classes"),
         (dict(base_artifact_rate=1.2), "base_artifact_rate"),
         (dict(image_size=40), "too thin"),
+        (dict(artifact_placement="centre"), "artifact_placement must be one of border, inside_crop, anywhere"),
     ],
 )
 def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
@@ -214,3 +225,124 @@ def test_bad_config_is_refused_with_a_clear_message(kwargs, message):
 def test_bad_generate_arguments_are_refused(strength, variant, message):
     with pytest.raises(ValueError, match=message):
         generate(SyntheticConfig(n_images=2, image_size=48), strength, variant)
+
+
+# --- artifact placement --------------------------------------------------------------------------
+
+PLACEMENT_SIZES = {128: 6, 256: 3, 448: 2}  # image size -> images: few, the large ones are slow
+
+
+@pytest.fixture(scope="module")
+def placed():
+    """(placement, size) -> samples, every image marked; rendered once for all placement tests."""
+    out = {}
+    for placement in ARTIFACT_PLACEMENTS:
+        for size, n in PLACEMENT_SIZES.items():
+            config = SyntheticConfig(
+                n_images=n, image_size=size, base_artifact_rate=1.0, artifact_placement=placement, seed=2
+            )
+            out[placement, size] = (config, generate(config, 0.0).samples)
+    return out
+
+
+def _inset_rule(size: int) -> int:
+    """The promised least distance of an inside-crop marker pixel to every edge: crop line plus max(2 px, 2%)."""
+    return math.ceil(STUDY_CROP_RATIO * size) + max(2, math.ceil(0.02 * size))
+
+
+def _distance_to_edge(size: int) -> np.ndarray:
+    """Whole pixels between each pixel and the nearest image edge (0 on the outermost ring)."""
+    k = np.arange(size)
+    d = np.minimum(k, size - 1 - k)
+    return np.minimum(d[:, None], d[None, :])
+
+
+def test_placement_defaults_to_border_and_is_listed():
+    assert ARTIFACT_PLACEMENTS == ("border", "inside_crop", "anywhere")
+    assert SyntheticConfig().artifact_placement == "border"
+    a = generate(SyntheticConfig(n_images=4, image_size=64, base_artifact_rate=1.0), 0.0).samples
+    b = generate(SyntheticConfig(n_images=4, image_size=64, base_artifact_rate=1.0, artifact_placement="border"), 0.0).samples
+    for x, y in zip(a, b, strict=True):
+        assert x.image.tobytes() == y.image.tobytes()
+        assert x.extra["artifact_regions"] == ("border",) * len(x.extra["artifacts"])
+
+
+@pytest.mark.parametrize("size", sorted(PLACEMENT_SIZES))
+@pytest.mark.parametrize("placement", ARTIFACT_PLACEMENTS)
+def test_each_placement_puts_markers_where_it_says_clear_of_the_lungs(placed, placement, size):
+    config, samples = placed[placement, size]
+    assert config.crop_inset_px >= _inset_rule(size)
+    in_band = _band(config)
+    inside = _distance_to_edge(size) >= _inset_rule(size)
+    for s in samples:
+        mask = s.artifact_mask
+        assert s.has_artifact and len(s.extra["artifact_regions"]) == len(s.extra["artifacts"]) >= 1
+        assert set(s.extra["artifact_regions"]) <= {"border", "inside_crop"}
+        assert not (mask & ndimage.binary_dilation(s.lung_mask, iterations=2)).any()  # the 2-px gap
+        assert s.image[mask].min() >= 0.9
+        if placement == "border":
+            assert not (mask & ~in_band).any()
+        elif placement == "inside_crop":
+            assert not (mask & ~inside).any()
+            assert set(s.extra["artifact_regions"]) == {"inside_crop"}
+        else:
+            assert not (mask & ~(in_band | inside)).any()
+            # each region named is used, and only those
+            assert (mask & in_band).any() == ("border" in s.extra["artifact_regions"])
+            assert (mask & inside).any() == ("inside_crop" in s.extra["artifact_regions"])
+        # markers never overlap or touch, so there are at least as many 8-connected pieces as markers
+        assert ndimage.label(mask, np.ones((3, 3)))[1] >= len(s.extra["artifacts"])
+
+
+def test_anywhere_uses_both_regions(placed):
+    regions = [r for size in PLACEMENT_SIZES for s in placed["anywhere", size][1] for r in s.extra["artifact_regions"]]
+    assert set(regions) == {"border", "inside_crop"}
+
+
+@pytest.mark.parametrize("size", sorted(PLACEMENT_SIZES))
+def test_no_resampling_carries_an_inside_marker_into_the_cropped_border(placed, size):
+    """Resized as the model frame is (antialiased bilinear or bicubic), no weight of a marker lands outside the crop."""
+    _, samples = placed["inside_crop", size]
+    for s in samples[:2]:
+        mask = torch.from_numpy(s.artifact_mask.astype(np.float32))[None, None]
+        for input_size in (112, 299):
+            resize_to = FrameSpec(input_size, crop=True).resize_to
+            top = (resize_to - input_size) // 2
+            for mode in ("bilinear", "bicubic"):
+                out = F.interpolate(mask, size=(resize_to, resize_to), mode=mode, align_corners=False, antialias=True)
+                out = out[0, 0].abs()
+                out[top : top + input_size, top : top + input_size] = 0
+                assert out.max() == 0, (s.sample_id, input_size, mode)
+        frame = FrameSpec(224, crop=True)
+        assert mask_to_model_frame(s.artifact_mask, frame).any()  # the crop keeps them
+
+
+@pytest.mark.parametrize("placement", ARTIFACT_PLACEMENTS)
+def test_same_seed_same_images_for_every_placement(placed, placement):
+    config, samples = placed[placement, 128]
+    again = generate(replace(config, n_images=4), 0.0).samples
+    for a, b in zip(samples, again):
+        assert a.image.tobytes() == b.image.tobytes()
+        assert np.array_equal(a.artifact_mask, b.artifact_mask)
+        assert a.extra["artifact_regions"] == b.extra["artifact_regions"]
+
+
+@pytest.mark.parametrize("placement", ARTIFACT_PLACEMENTS)
+def test_placement_changes_only_the_artifacts_and_the_clean_twin_is_the_phantom(placement):
+    config = SyntheticConfig(
+        n_images=6, image_size=64, classes=SYNTHETIC_CLASSES, artifact_placement=placement, seed=9
+    )
+    for variant in ("train", "test"):
+        marked = generate(config, 1.0, variant).samples
+        clean = generate(replace(config, base_artifact_rate=0), 0.0, variant).samples
+        for i, (m, c) in enumerate(zip(marked, clean, strict=True)):
+            phantom = render_phantom(config, i, c.label)
+            assert c.image.tobytes() == phantom.image.tobytes()
+            assert not c.artifact_mask.any() and c.extra["artifact_regions"] == ()
+            assert np.array_equal(m.image[~m.artifact_mask], phantom.image[~m.artifact_mask])
+
+
+def test_no_room_inside_the_crop_is_a_clear_error():
+    rng = np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match="no free place for a marker artifact inside the crop window"):
+        _place_inside(rng, "marker", 128, 20, np.ones((128, 128), bool))

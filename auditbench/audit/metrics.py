@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from auditbench.data.transforms import border_band  # noqa: F401  (re-exported: metrics' border region)
 from auditbench.registry import Registry
 
-MetricKind = Literal["classification", "attention", "occlusion"]
+MetricKind = Literal["classification", "attention", "occlusion", "behaviour"]
+Region = Literal["lung", "border", "artifact"]
 
 
 class MetricWarning(UserWarning):
@@ -31,8 +34,10 @@ class MetricWarning(UserWarning):
 class MetricInfo:
     """What a metric means and which direction is better.
 
-    ``not_applicable_when_undefined``: NaN means "nothing to measure" (no artifact in view), so a
-    selection constraint on the metric counts as met; for other metrics NaN is a violation.
+    ``region``: the image region the metric measures. Where that region is out of the model's view
+    by construction (the crop removed the border band, or every artifact), the metric is "not
+    applicable" and a selection constraint on it counts as met. Any other NaN (no mask, blank maps)
+    leaves the constraint *unverified* (``selection.ranking``).
     """
 
     name: str
@@ -40,7 +45,12 @@ class MetricInfo:
     kind: MetricKind
     description: str
     citation: str = ""
-    not_applicable_when_undefined: bool = False
+    region: Region | None = None
+
+    @property
+    def not_applicable_when_undefined(self) -> bool:
+        """Whether NaN can mean "out of view by construction" (border and artifact metrics)."""
+        return self.region in ("border", "artifact")
 
 
 METRICS = Registry[MetricInfo]("metric")
@@ -53,10 +63,10 @@ def register_metric(
     kind: MetricKind,
     description: str,
     citation: str = "",
-    not_applicable_when_undefined: bool = False,
+    region: Region | None = None,
 ) -> MetricInfo:
     """Declare a metric in :data:`METRICS` and return its entry."""
-    info = MetricInfo(name, higher_is_better, kind, description, citation, not_applicable_when_undefined)
+    info = MetricInfo(name, higher_is_better, kind, description, citation, region)
     METRICS.add(name, info)
     return info
 
@@ -83,59 +93,62 @@ for _name, _text in [
     register_metric(_name, higher_is_better=True, kind="classification", description=_text)
 del _name, _text
 
+_CELL = "scored on the artifact mask dilated by one map cell (the map cannot place mass more finely)"
 register_metric(
-    "lung_mass", higher_is_better=True, kind="attention", citation=_ARRAS,
+    "lung_mass", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
     description="sum(H over lung mask) / sum(H): share of Grad-CAM mass on the lungs",
 )
 register_metric(
-    "border_mass", higher_is_better=False, kind="attention", citation=_ARRAS,
-    description="sum(H over outer border band) / sum(H): share of Grad-CAM mass on the image border",
+    "border_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="border",
+    description="sum(H over the border band) / sum(H); the band is defined on the source image (the generator's "
+    "marker band), NaN (not applicable) where the crop removed it",
 )
 register_metric(
-    "artifact_mass", higher_is_better=False, kind="attention", citation=_ARRAS,
-    not_applicable_when_undefined=True,
-    description="sum(H over artifact mask) / sum(H); NaN (not applicable) without an artifact in view",
+    "artifact_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
+    description=f"sum(H over artifacts) / sum(H), {_CELL}; NaN (not applicable) without an artifact in view",
 )
 register_metric(
-    "lung_enrichment", higher_is_better=True, kind="attention", citation=_ARRAS,
+    "artifact_enrichment", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
+    description=f"artifact_mass / (artifact area / image area), {_CELL}: 1.0 = no preference, above 1 = drawn "
+    "to the artifact",
+)
+register_metric(
+    "lung_enrichment", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
     description="lung_mass / (lung area / image area): 1.0 = no preference for the lungs",
 )
 register_metric(
-    "pointing_game", higher_is_better=True, kind="attention", citation=_ZHANG,
-    description="1 if the argmax of H lies in the lung mask, else 0 (no tolerance)",
+    "pointing_game", higher_is_better=True, kind="attention", citation=_ZHANG, region="lung",
+    description="1 if the argmax of H lies within one map cell of the lung mask, else 0 (the original allows 15 px)",
 )
 register_metric(
-    "artifact_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION,
-    not_applicable_when_undefined=True,
-    description="|p(x) - p(x with artifacts inpainted from the background)|; NaN without an artifact",
+    "artifact_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION, region="artifact",
+    description="|p(x) - p(x with the artifacts' resampling footprint inpainted from outside it)|; NaN without an "
+    "artifact in view",
 )
 register_metric(
-    "border_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION,
-    description="|p(x) - p(x with the border band filled from the pixels just inside it)|",
+    "border_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION, region="border",
+    description="|p(x) - p(x with the border band inpainted from the pixels inside it)|; NaN where the crop removed "
+    "the band",
 )
 register_metric(
-    "lung_occlusion_effect", higher_is_better=True, kind="occlusion", citation=_OCCLUSION,
+    "lung_occlusion_effect", higher_is_better=True, kind="occlusion", citation=_OCCLUSION, region="lung",
     description="|p(x) - p(x with the lungs filled with their median intensity)|",
+)
+register_metric(
+    "shortcut_reliance", higher_is_better=False, kind="behaviour", region="artifact",
+    citation="Geirhos et al., Shortcut learning in deep neural networks, Nature MI 2020 (counterfactual test)",
+    description="synthetic data: mean |p(x) - p(clean twin of x)| over decorrelated test images with a marker: how "
+    "much the model's output depends on the marker (the validation's ground truth)",
+)
+register_metric(
+    "shortcut_accuracy_drop", higher_is_better=False, kind="behaviour",
+    citation="DeGrave, Janizek, Lee, Nature MI 2021 (accuracy lost when the shortcut is decorrelated)",
+    description="synthetic data: accuracy on test images drawn with the training bias minus accuracy on "
+    "decorrelated test images",
 )
 
 
 # ----------------------------------------------------------------------------- attention metrics
-
-
-def border_band(shape: tuple[int, int], fraction: float) -> np.ndarray:
-    """Bool mask of the outer band: round(fraction * side) pixels on each side.
-
-    Rounding is half up (``floor(x + 0.5)``), separately for rows (from H) and columns (from W):
-    224 px at 0.08 -> 17.92 -> 18 px per side.
-    """
-    if not 0 <= fraction < 0.5:
-        raise ValueError(f"border fraction must be in [0, 0.5), got {fraction}")
-    height, width = shape
-    rows, cols = (int(np.floor(fraction * side + 0.5)) for side in (height, width))
-    band = np.zeros((height, width), dtype=bool)
-    band[:rows] = band[height - rows:] = True
-    band[:, :cols] = band[:, width - cols:] = True
-    return band
 
 
 def relevance_mass(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -159,18 +172,35 @@ def relevance_mass(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(undefined, np.nan, inside / np.where(undefined, 1.0, total))
 
 
-def pointing_game(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Pointing game (Zhang et al. 2018, no tolerance): 1.0 if argmax_p H_p lies in M, else 0.0.
+def pointing_game(heatmaps: np.ndarray, masks: np.ndarray, tolerance_px: float = 0.0) -> np.ndarray:
+    """Pointing game (Zhang et al. 2018): 1.0 if argmax_p H_p lies within ``tolerance_px`` (Euclidean)
+    of a pixel of M, else 0.0. The original allows 15 px; the run uses one map cell.
 
     Ties go to the first maximum in row-major order (``np.argmax``). NaN where sum(H) is 0 or not
     finite, or where the mask is empty (an empty mask is not a hit).
     """
     flat = heatmaps.reshape(len(heatmaps), -1)
     mask_flat = masks.reshape(len(masks), -1)
-    hit = mask_flat[np.arange(len(flat)), np.argmax(flat, axis=1)].astype(np.float64)
+    peak = np.argmax(flat, axis=1)
+    hit = mask_flat[np.arange(len(flat)), peak].astype(np.float64)
+    if tolerance_px > 0:
+        width = heatmaps.shape[-1]
+        for i in np.flatnonzero(hit == 0):
+            rows, cols = np.divmod(np.flatnonzero(mask_flat[i]), width)
+            if len(rows):
+                r, c = divmod(int(peak[i]), width)
+                hit[i] = float(np.min((rows - r) ** 2 + (cols - c) ** 2) <= tolerance_px**2)
     total = flat.sum(axis=1, dtype=np.float64)
     undefined = ~mask_flat.any(axis=1) | ~(np.isfinite(total) & (total > 0))
     return np.where(undefined, np.nan, hit)
+
+
+def dilate_by_cells(masks: np.ndarray, cell_px: int) -> np.ndarray:
+    """Each (N, H, W) mask grown by ``cell_px`` pixels in every direction (a square of one map cell)."""
+    if cell_px <= 0:
+        return masks
+    size = (1, 2 * cell_px + 1, 2 * cell_px + 1)
+    return ndimage.maximum_filter(masks.astype(np.uint8), size=size, mode="constant") > 0
 
 
 def enrichment(mass: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -186,8 +216,8 @@ class AttentionResult:
 
     ``values``: metric name -> (N,) float64 with NaN where undefined.
     ``nan_counts``: ``zero_map`` (sum(H) is 0 or not finite: every attention metric is NaN),
-    ``empty_lung_mask`` (lung metrics NaN), ``no_artifact`` (artifact_mass NaN). An image can count
-    under several causes.
+    ``empty_lung_mask`` (lung metrics NaN), ``no_artifact`` (artifact metrics NaN), ``no_border``
+    (border band out of view). An image can count under several causes.
     """
 
     values: dict[str, np.ndarray]
@@ -204,6 +234,8 @@ def stack_optional_masks(
         if len(masks) != shape[0]:
             raise ValueError(f"expected {shape[0]} masks, got {len(masks)}")
         masks = np.stack([np.zeros(shape[1:], bool) if m is None else np.asarray(m, bool) for m in masks])
+    if masks.ndim == 2:
+        masks = np.broadcast_to(masks, shape)
     if masks.shape != shape:
         raise ValueError(f"mask shape {masks.shape} differs from image/heatmap shape {shape}")
     return masks.astype(bool, copy=False)
@@ -213,14 +245,20 @@ def attention_metrics(
     heatmaps: np.ndarray,
     lung_masks: np.ndarray,
     artifact_masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
-    border_fraction: float = 0.08,
+    border_masks: np.ndarray | None = None,
+    cell_px: int = 0,
 ) -> AttentionResult:
-    """lung_mass, border_mass, artifact_mass, lung_enrichment and pointing_game per image.
+    """lung_mass, border_mass, artifact_mass, artifact_enrichment, lung_enrichment and pointing_game
+    per image.
 
     ``heatmaps`` (N, H, W) raw maps H >= 0 in the model frame; ``lung_masks`` bool (N, H, W);
-    ``artifact_masks`` bool (N, H, W), a list with None for images without one, or None for none.
-    Emits one :class:`MetricWarning` per cause (all-zero/non-finite maps, empty lung masks) with
-    its count; images without an artifact are expected and only counted.
+    ``artifact_masks`` bool (N, H, W), a list with None for images without one, or None for none;
+    ``border_masks`` the border band in the frame, (N, H, W) or one (H, W) for all (None: no band in
+    view). ``cell_px`` is the size of one map cell in frame pixels (frame side / map side): the
+    artifact metrics use the artifact mask dilated by one cell, and the pointing game accepts a
+    peak within one cell of the lungs, because a map of stride s cannot place mass more finely
+    than s pixels. Emits one :class:`MetricWarning` per cause (all-zero/non-finite maps, empty lung
+    masks) with its count; images without an artifact or band in view are expected and only counted.
 
     >>> h = np.zeros((1, 4, 4)); h[0, 1, 1] = 3.0; h[0, 2, 2] = 1.0
     >>> lungs = np.zeros((1, 4, 4), bool); lungs[0, 1, 1] = True
@@ -233,7 +271,8 @@ def attention_metrics(
     if np.any(heatmaps < 0):
         raise ValueError(f"heatmaps must be raw ReLU maps >= 0, got minimum {np.nanmin(heatmaps):.3g}")
     lung_masks = stack_optional_masks(lung_masks, heatmaps.shape)
-    artifact_masks = stack_optional_masks(artifact_masks, heatmaps.shape)
+    artifact_masks = dilate_by_cells(stack_optional_masks(artifact_masks, heatmaps.shape), cell_px)
+    border_masks = stack_optional_masks(border_masks, heatmaps.shape)
     n = len(heatmaps)
 
     total = heatmaps.reshape(n, -1).sum(axis=1, dtype=np.float64)
@@ -241,6 +280,7 @@ def attention_metrics(
         "zero_map": int(np.sum(~(np.isfinite(total) & (total > 0)))),
         "empty_lung_mask": int(np.sum(~lung_masks.reshape(n, -1).any(axis=1))),
         "no_artifact": int(np.sum(~artifact_masks.reshape(n, -1).any(axis=1))),
+        "no_border": int(np.sum(~border_masks.reshape(n, -1).any(axis=1))),
     }
     if counts["zero_map"]:
         warnings.warn(
@@ -255,12 +295,14 @@ def attention_metrics(
         )
 
     lung_mass = relevance_mass(heatmaps, lung_masks)
+    artifact_mass = relevance_mass(heatmaps, artifact_masks)
     values = {
         "lung_mass": lung_mass,
-        "border_mass": relevance_mass(heatmaps, border_band(heatmaps.shape[1:], border_fraction)),
-        "artifact_mass": relevance_mass(heatmaps, artifact_masks),
+        "border_mass": relevance_mass(heatmaps, border_masks),
+        "artifact_mass": artifact_mass,
+        "artifact_enrichment": enrichment(artifact_mass, artifact_masks),
         "lung_enrichment": enrichment(lung_mass, lung_masks),
-        "pointing_game": pointing_game(heatmaps, lung_masks),
+        "pointing_game": pointing_game(heatmaps, lung_masks, tolerance_px=cell_px),
     }
     return AttentionResult(values=values, nan_counts=counts)
 

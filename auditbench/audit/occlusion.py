@@ -1,86 +1,118 @@
 """Causal occlusion effects: how much p(positive) moves when a region is filled in.
 
 effect = |p(x) - p(x with the region filled)| per image (Zeiler & Fergus 2014 occlusion; region
-removal as in RISE and ROAD). Artifacts and the border band are filled with the surrounding
-background, so the model sees a plausible image without them; the lungs are filled with their own
-median intensity, which removes their content. Directions live in ``audit.metrics.METRICS``.
+removal as in RISE and ROAD). Each region is filled over its *resampling footprint* in the model
+frame (every pixel the region's source pixels influence, ``data.transforms``), so no trace of it
+survives the resize; artifacts and the border band are inpainted harmonically from the pixels
+outside the footprint, which never hold any of the region's intensity, so the model sees a
+plausible image without them; the lungs are filled with their own median intensity, which removes
+their content. Directions live in ``audit.metrics.METRICS``.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
-from skimage.measure import label, regionprops
-from skimage.restoration import inpaint_biharmonic
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import splu
 
-from auditbench.audit.metrics import MetricWarning, border_band, stack_optional_masks
+from auditbench.audit.metrics import MetricWarning, stack_optional_masks
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
-# Biharmonic inpainting costs ~5 ms for a 1000 px marker but ~150 ms for a 224 px frame's border band
-# (15k unknowns), so only components up to this size are inpainted; larger ones take the fast fill
-# (~3 ms), which the border band always takes so the fill does not change with the input size.
-MAX_INPAINT_PIXELS = 4096
-_CROP_PAD = 4  # known pixels kept around a component's bounding box: the biharmonic stencil needs 2
-_SMOOTH = 5  # window of the local mean that large components copy from (suppresses noise streaks)
 
+def inpaint(image: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """``image`` with the ``unknown`` pixels replaced by the harmonic interpolation of the others.
 
-def fill_background(
-    image: np.ndarray, mask: np.ndarray, max_inpaint_pixels: int = MAX_INPAINT_PIXELS
-) -> np.ndarray:
-    """``image`` with the ``mask`` region filled from the pixels around it, clipped to [0, 1].
-
-    Each 8-connected component of up to ``max_inpaint_pixels`` pixels (markers, letters, wires) is
-    inpainted biharmonically (``skimage.restoration.inpaint_biharmonic``) on its bounding box plus a
-    4 px margin. Larger components copy, for each pixel, the 5x5 mean of unmasked pixels around its
-    nearest unmasked pixel: for a border band (``max_inpaint_pixels=0``) that is the interior value
-    just inside, per row and column, lightly smoothed so image noise is not drawn out into streaks.
+    Solves the discrete Laplace equation on the unknown pixels (4-neighbour; a pixel at the image
+    edge averages only its in-image neighbours, a reflecting boundary) with the known pixels as
+    boundary values (Bertalmio et al., SIGGRAPH 2000, in its simplest, harmonic form). By the
+    discrete maximum principle every filled value lies between the lowest and the highest known
+    pixel bordering its region, so the fill can create nothing brighter than its surroundings, and
+    it reads no unknown pixel. Linear in the image: a constant is restored exactly, and so is a
+    linear ramp around a region that does not reach the image edge. The factorisation depends on the mask only and is cached, so images that share a
+    mask (the border band of one frame) cost one back-substitution each.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != image.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    unknown = np.asarray(unknown, dtype=bool)
+    if unknown.shape != image.shape:
+        raise ValueError(f"mask shape {unknown.shape} differs from image shape {image.shape}")
     out = np.array(image, dtype=np.float32, copy=True)
-    if not mask.any():
+    if not unknown.any():
         return out
-    if mask.all():
+    if unknown.all():
         raise ValueError("the mask covers the whole image: there is no background to fill from")
-
-    components = label(mask, connectivity=2)
-    large = np.zeros_like(mask)
-    for region in regionprops(components):
-        if region.area > max_inpaint_pixels:
-            large |= components == region.label
-            continue
-        r0, c0, r1, c1 = region.bbox
-        r0, c0 = max(r0 - _CROP_PAD, 0), max(c0 - _CROP_PAD, 0)
-        r1, c1 = min(r1 + _CROP_PAD, mask.shape[0]), min(c1 + _CROP_PAD, mask.shape[1])
-        # the crop's whole mask is unknown (a neighbour component must not act as background)
-        filled = inpaint_biharmonic(image[r0:r1, c0:c1], mask[r0:r1, c0:c1])
-        own = components[r0:r1, c0:c1] == region.label
-        out[r0:r1, c0:c1][own] = filled[own]
-
-    if large.any():
-        # normalised convolution: the local mean of unmasked pixels only
-        known_values = np.where(mask, 0.0, image).astype(np.float64)
-        local_sum = ndimage.uniform_filter(known_values, _SMOOTH, mode="nearest")
-        local_count = ndimage.uniform_filter((~mask).astype(np.float64), _SMOOTH, mode="nearest")
-        local_mean = local_sum / np.maximum(local_count, 1e-12)  # count > 0 at every unmasked pixel
-        rows, cols = ndimage.distance_transform_edt(mask, return_distances=False, return_indices=True)
-        out[large] = local_mean[rows[large], cols[large]]
-    return np.clip(out, 0.0, 1.0)
+    key = hashlib.sha1(np.packbits(unknown).tobytes()).hexdigest()
+    system = _laplace_system(key, unknown.shape, unknown.tobytes())
+    if system is None:
+        raise ValueError("a masked region touches no unmasked pixel: there is no background to fill from")
+    solver, unknown_index, known_neighbours = system
+    values = image.ravel().astype(np.float64)
+    rhs = np.bincount(known_neighbours[0], weights=values[known_neighbours[1]], minlength=len(unknown_index))
+    out.ravel()[unknown_index] = solver.solve(rhs)
+    return out
 
 
-def fill_lung_median(image: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
-    """``image`` with every lung pixel set to the median lung intensity (removes lung content)."""
+@functools.lru_cache(maxsize=16)
+def _laplace_system(key: str, shape: tuple[int, int], mask_bytes: bytes):
+    """LU factors of the Laplacian on the unknown pixels, their flat indices, and (row, known pixel)
+    pairs for the right-hand side; None when a component has no known neighbour. ``key`` names
+    the mask for the cache; ``mask_bytes`` rebuilds it."""
+    height, width = shape
+    unknown = np.frombuffer(mask_bytes, dtype=bool).reshape(shape)
+    labels, n_components = ndimage.label(unknown)
+    # components with an unknown pixel next to a known one (4-neighbours, as the Laplacian)
+    touching = np.unique(labels[ndimage.binary_dilation(~unknown) & unknown])
+    if len(touching) < n_components:
+        return None
+    index = np.flatnonzero(unknown)
+    n = len(index)
+    row_of = np.full(height * width, -1)
+    row_of[index] = np.arange(n)
+    r, c = np.divmod(index, width)
+    degree = np.zeros(n)
+    rows, cols, known_rows, known_pixels = [], [], [], []
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        rr, cc = r + dr, c + dc
+        inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+        degree += inside
+        source = np.flatnonzero(inside)
+        neighbour = rr[inside] * width + cc[inside]
+        neighbour_row = row_of[neighbour]
+        is_unknown = neighbour_row >= 0
+        rows.append(source[is_unknown])
+        cols.append(neighbour_row[is_unknown])
+        known_rows.append(source[~is_unknown])
+        known_pixels.append(neighbour[~is_unknown])
+    matrix = sparse.csc_matrix(
+        (np.concatenate([degree, -np.ones(sum(len(x) for x in rows))]),
+         (np.concatenate([np.arange(n), *rows]), np.concatenate([np.arange(n), *cols]))),
+        shape=(n, n),
+    )
+    return splu(matrix), index, (np.concatenate(known_rows), np.concatenate(known_pixels))
+
+
+def fill_lung_median(image: np.ndarray, lung_mask: np.ndarray, footprint: np.ndarray | None = None) -> np.ndarray:
+    """``image`` with every pixel of ``footprint`` (default: the lung mask) set to the median
+    intensity of the lung mask (removes lung content)."""
     lung_mask = np.asarray(lung_mask, dtype=bool)
     if not lung_mask.any():
         raise ValueError("empty lung mask: nothing to fill")
     out = np.array(image, dtype=np.float32, copy=True)
-    out[lung_mask] = np.median(image[lung_mask])
+    out[lung_mask if footprint is None else np.asarray(footprint, bool) | lung_mask] = np.median(image[lung_mask])
     return out
+
+
+def border_fill_region(border_footprint: np.ndarray, artifact_footprint: np.ndarray) -> np.ndarray:
+    """The border band's footprint plus every artifact footprint it touches: a marker that
+    straddles the band's inner edge must not be copied into the band, so it is filled too."""
+    touching = border_footprint | artifact_footprint
+    labels, _ = ndimage.label(touching, structure=np.ones((3, 3)))
+    keep = np.unique(labels[border_footprint])
+    return np.isin(labels, keep[keep > 0])
 
 
 def _predict_batches(predict: Predict, images: Sequence[np.ndarray] | np.ndarray, batch_size: int
@@ -127,39 +159,43 @@ class OccludedImages:
 def occlude(
     images: np.ndarray,
     lung_masks: np.ndarray,
-    artifact_masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
-    border_fraction: float = 0.08,
+    artifact_footprints: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    border_footprints: np.ndarray | None = None,
+    lung_footprints: np.ndarray | None = None,
 ) -> OccludedImages:
-    """Fill each region: artifacts by :func:`fill_background`, the border band by its fast fill from
-    just inside (``max_inpaint_pixels=0``), lungs by :func:`fill_lung_median`. Images without an
-    artifact (or with an empty lung mask) get no artifact (lung) variant; a lung mask that is
-    empty gives a counted :class:`MetricWarning`."""
+    """Fill each region over its footprint: artifacts and the border band by :func:`inpaint` (the
+    band together with the markers it touches, :func:`border_fill_region`), lungs by
+    :func:`fill_lung_median`. Images whose region is not in view get no variant for it; a lung
+    mask that is empty gives a counted :class:`MetricWarning`. Footprints default to the masks
+    (frames without resampling); ``border_footprints`` None means no band in view.
+    """
     images = np.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
     n = len(images)
     lung_masks = stack_optional_masks(lung_masks, images.shape)
-    artifact_masks = stack_optional_masks(artifact_masks, images.shape)
-    band = border_band(images.shape[1:], border_fraction)
+    lung_footprints = lung_masks if lung_footprints is None else stack_optional_masks(lung_footprints, images.shape)
+    artifact_footprints = stack_optional_masks(artifact_footprints, images.shape)
+    border_footprints = stack_optional_masks(border_footprints, images.shape)
     has_lung = lung_masks.reshape(n, -1).any(axis=1)
-    has_artifact = artifact_masks.reshape(n, -1).any(axis=1)
     if not has_lung.all():
         warnings.warn(
             f"{int((~has_lung).sum())} of {n} lung masks are empty: lung_occlusion_effect is NaN for them",
             MetricWarning, stacklevel=2,
         )
     indices = {
-        "artifact": np.flatnonzero(has_artifact),
-        "border": np.arange(n),
+        "artifact": np.flatnonzero(artifact_footprints.reshape(n, -1).any(axis=1)),
+        "border": np.flatnonzero(border_footprints.reshape(n, -1).any(axis=1)),
         "lung": np.flatnonzero(has_lung),
     }
     fills = {
-        "artifact": lambda i: fill_background(images[i], artifact_masks[i]),
-        "border": lambda i: fill_background(images[i], band, max_inpaint_pixels=0),
-        "lung": lambda i: fill_lung_median(images[i], lung_masks[i]),
+        "artifact": lambda i: inpaint(images[i], artifact_footprints[i]),
+        "border": lambda i: inpaint(images[i], border_fill_region(border_footprints[i], artifact_footprints[i])),
+        "lung": lambda i: fill_lung_median(images[i], lung_masks[i], lung_footprints[i]),
     }
     filled = {
-        region: np.stack([fills[region](i) for i in idx]) if len(idx) else np.empty((0, *images.shape[1:]), images.dtype)
+        region: np.stack([np.clip(fills[region](i), 0.0, 1.0) for i in idx]) if len(idx)
+        else np.empty((0, *images.shape[1:]), np.float32)
         for region, idx in indices.items()
     }
     return OccludedImages(n, indices, filled)
@@ -169,8 +205,8 @@ def occlusion_effects(
     predict: Predict,
     images: np.ndarray,
     lung_masks: np.ndarray | None = None,
-    artifact_masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
-    border_fraction: float = 0.08,
+    artifact_footprints: np.ndarray | Sequence[np.ndarray | None] | None = None,
+    border_footprints: np.ndarray | None = None,
     p_original: np.ndarray | None = None,
     batch_size: int = 64,
     occluded: OccludedImages | None = None,
@@ -179,12 +215,12 @@ def occlusion_effects(
 
     ``predict`` maps float (n, H, W) images in [0, 1] (model frame) to p(positive) of shape (n,).
     effect = |p(x) - p(x with the region filled)| (see :func:`occlude`); NaN where the region is
-    absent (no artifact: "not applicable"). ``p_original`` reuses p(x) from the test pass;
+    not in view. ``p_original`` reuses p(x) from the test pass;
     ``occluded`` reuses filled images made once for several models.
     """
     images = np.asarray(images)
     if occluded is None:
-        occluded = occlude(images, lung_masks, artifact_masks, border_fraction)
+        occluded = occlude(images, lung_masks, artifact_footprints, border_footprints)
     if p_original is None:
         p_original = _predict_batches(predict, images, batch_size)
     p_occluded = {

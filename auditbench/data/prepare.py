@@ -1,6 +1,7 @@
 """Protocol data section -> the samples of one task, with a training view and a test view."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
-from auditbench.data.transforms import FrameSpec, mask_to_model_frame, to_model_frame
+from auditbench.data.transforms import FrameSpec, border_band, region_to_frame, to_model_frame
 from auditbench.protocol.schema import DataSpec, Protocol, SourceSpec, TaskSpec
 
 
@@ -23,35 +24,73 @@ class TaskData:
     groups: np.ndarray  # patient ids
     external: dict[str, tuple[list[Sample], np.ndarray]] = field(default_factory=dict)
     skipped: list[SkippedFile] = field(default_factory=list)
+    clean_view: list[Sample] | None = None  # synthetic: test_view[i] without markers (its clean twin)
+
+
+# Per-image state of the artifact region in a frame (Frames.artifact_status).
+ARTIFACT_IN_VIEW = "in_view"  # some artifact influences the frame
+ARTIFACT_OUT_OF_VIEW = "out_of_view"  # the source has artifacts; the crop removed all of them
+ARTIFACT_ABSENT = "absent"  # the source's artifact mask exists and is empty
+ARTIFACT_UNKNOWN = "unknown"  # no artifact mask: nothing can be said
+ARTIFACT_STATUSES = (ARTIFACT_IN_VIEW, ARTIFACT_OUT_OF_VIEW, ARTIFACT_ABSENT, ARTIFACT_UNKNOWN)
 
 
 @dataclass
 class Frames:
-    """Samples mapped into one model frame, stacked for batching."""
+    """Samples mapped into one model frame, stacked for batching.
+
+    Every region is defined on the source image and mapped with the image's own sampling grid
+    (``data.transforms.region_to_frame``): ``*_footprint`` holds every frame pixel the region
+    influences (what occlusion fills), the plain mask the pixels it covers (what metrics score).
+    The border band is ``border_fraction`` of each source side, so a cropped frame, which shows
+    none of it, has an empty band: border metrics are out of view by construction there.
+    """
 
     images: np.ndarray  # (N, S, S) float32 [0, 1]
     lungs: np.ndarray  # (N, S, S) bool
-    artifacts: np.ndarray  # (N, S, S) bool, all False where the image shows no artifact
+    artifacts: np.ndarray  # (N, S, S) bool, all False where no artifact is in view
+    border: np.ndarray  # (N, S, S) bool
+    lung_footprint: np.ndarray  # (N, S, S) bool
+    artifact_footprint: np.ndarray  # (N, S, S) bool
+    border_footprint: np.ndarray  # (N, S, S) bool
+    artifact_status: np.ndarray  # (N,) str, one of ARTIFACT_STATUSES
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, index: np.ndarray) -> "Frames":
-        return Frames(self.images[index], self.lungs[index], self.artifacts[index])
+        return Frames(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def concatenate(parts: list["Frames"]) -> "Frames":
+        return Frames(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Frames)))
 
 
-def to_frames(samples: list[Sample], frame: FrameSpec) -> Frames:
+def to_frames(samples: list[Sample], frame: FrameSpec, border_fraction: float) -> Frames:
+    """Each sample's image and regions on the frame's sampling grid (see :class:`Frames`)."""
     size = frame.input_size
     images = np.empty((len(samples), size, size), np.float32)
-    lungs = np.zeros((len(samples), size, size), bool)
-    artifacts = np.zeros((len(samples), size, size), bool)
+    masks = {name: np.zeros((len(samples), size, size), bool) for name in (
+        "lungs", "artifacts", "border", "lung_footprint", "artifact_footprint", "border_footprint")}
+    status = np.empty(len(samples), dtype=object)
     for i, sample in enumerate(samples):
         images[i] = to_model_frame(sample.image, frame)
-        if sample.lung_mask is not None:
-            lungs[i] = mask_to_model_frame(sample.lung_mask, frame)
-        if sample.artifact_mask is not None:
-            artifacts[i] = mask_to_model_frame(sample.artifact_mask, frame)
-    return Frames(images, lungs, artifacts)
+        regions = {"lung": sample.lung_mask, "artifact": sample.artifact_mask,
+                   "border": border_band(sample.image.shape, border_fraction)}
+        for name, source in regions.items():
+            if source is None or not source.any():
+                continue
+            mapped = region_to_frame(source, frame)
+            masks["lungs" if name == "lung" else "artifacts" if name == "artifact" else "border"][i] = mapped.mask
+            masks[f"{name}_footprint"][i] = mapped.footprint
+        if sample.artifact_mask is None:
+            status[i] = ARTIFACT_UNKNOWN
+        elif not sample.artifact_mask.any():
+            status[i] = ARTIFACT_ABSENT
+        else:
+            status[i] = ARTIFACT_IN_VIEW if masks["artifact_footprint"][i].any() else ARTIFACT_OUT_OF_VIEW
+    return Frames(images, masks["lungs"], masks["artifacts"], masks["border"], masks["lung_footprint"],
+                  masks["artifact_footprint"], masks["border_footprint"], status.astype(str))
 
 
 def _select_task(samples: list[Sample], task: TaskSpec) -> tuple[list[int], np.ndarray]:
@@ -105,7 +144,9 @@ def _generate_synthetic(config, shortcut_strength: float, variant: str) -> list[
     return generate(config, shortcut_strength, variant).samples
 
 
-def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: float) -> TaskData:
+def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict) -> TaskData:
+    """One cell of the synthetic data axes (``shortcut_strength``, ``artifact_placement``,
+    ``data_seed``): training view, decorrelated test view and the test images' clean twins."""
     from auditbench.data.synthetic import SyntheticConfig
 
     spec = protocol.data.synthetic
@@ -116,13 +157,16 @@ def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: f
         positive_class=task.positive if task.positive in spec.classes else spec.classes[0],
         base_artifact_rate=spec.base_artifact_rate,
         artifact_band=spec.artifact_band,
-        seed=protocol.seed,
+        artifact_placement=axes["artifact_placement"],
+        seed=axes["data_seed"],
     )
     if spec.disease_strength is not None:
         kwargs["disease_strength"] = spec.disease_strength
     config = SyntheticConfig(**kwargs)
-    train_view = _generate_synthetic(config, shortcut_strength, "train")
+    train_view = _generate_synthetic(config, axes["shortcut_strength"], "train")
     test_view = _generate_synthetic(config, spec.test_shortcut_strength, "test")
+    # The same test images without any marker: the counterfactual that measures reliance.
+    clean_view = _generate_synthetic(dataclasses.replace(config, base_artifact_rate=0.0), 0.0, "test")
     keep, labels = _select_task(train_view, task)
     _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
@@ -131,6 +175,7 @@ def synthetic_task_data(protocol: Protocol, task: TaskSpec, shortcut_strength: f
         test_view=[test_view[i] for i in keep],
         labels=labels,
         groups=np.array([train_view[i].patient_id for i in keep]),
+        clean_view=[clean_view[i] for i in keep],
     )
 
 

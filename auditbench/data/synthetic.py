@@ -3,13 +3,26 @@
 Each image is a PA chest phantom (body outline, lungs, ribs, clavicles, spine, heart and
 mediastinum, diaphragm domes, lung vessels) with per-image variation of pose, size, contrast,
 gamma and noise. Classes differ only by a disease pattern drawn inside the lungs. Bright burned-in
-artifacts (laterality letters, text, arrows, wires, markers) sit in the outer band that the
-study's crop removes, and their presence is correlated with the label by ``shortcut_strength``.
+artifacts (laterality letters, text, arrows, wires, markers) are drawn where
+``SyntheticConfig.artifact_placement`` says, and their presence is correlated with the label by
+``shortcut_strength``:
+
+- ``"border"`` (default): in the outer band (``artifact_band``) that the study's centre crop removes;
+- ``"inside_crop"``: inside the crop window, at least ``SyntheticConfig.crop_inset_px`` from every
+  edge, so that no resampling into a model frame carries them into the removed border: over the
+  abdomen, the mediastinum and neck, the shoulders, the corners of the window, wherever there is room;
+- ``"anywhere"``: each marker independently in the band or inside the window, half and half.
+
+With border placement alone the crop would remove every shortcut by construction; real markers,
+text, arrows and ECG electrodes also lie inside the crop window. In every placement artifacts keep a
+two-pixel gap to the lungs and never overlap one another.
 
 Everything about image ``i`` except its artifacts is fixed by ``(seed, i)``; the artifacts are
 fixed by ``(seed, i, variant)``. So ``generate(config, 1.0, "train")`` and
 ``generate(config, 0.0, "test")`` are two views of the same patients that differ only in the
-burned-in marks.
+burned-in marks, and the clean twin of any image is the same config with ``base_artifact_rate=0``:
+``generate(replace(config, base_artifact_rate=0), 0.0, variant)`` gives exactly
+``render_phantom(config, i, label).image``.
 
 Example::
 
@@ -22,13 +35,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 from skimage import draw
 
 from auditbench.data.records import LoadedDataset, Sample
+from auditbench.data.transforms import STUDY_CROP_RATIO
 
 SYNTHETIC_CLASSES = ("covid", "viral", "bacterial", "normal")
 VARIANTS = ("train", "test")
+ARTIFACT_PLACEMENTS = ("border", "inside_crop", "anywhere")
 
 # Each image draws from independent streams, so that rendering it as another class or with
 # another variant's artifacts leaves every other random choice unchanged.
@@ -43,6 +58,12 @@ _PEAK_OPACITY = {"covid": 0.5, "viral": 0.4, "bacterial": 0.9, "normal": 0.0}
 _MIN_BAND_PX = 5  # leaves a 3-px strip inside the margins, the least that still holds a mark
 _MARGIN_PX = 1  # artifacts keep this gap to the image edge and the band's inner edge
 _PLACEMENT_TRIES = 200
+# Inside the crop window, markers keep this extra margin beyond the crop line: bilinear and bicubic
+# resampling (antialiased, any model frame of 112-299 px) spread a pixel over up to ~1.5 source px
+# when enlarging and over ~1% of the side when shrinking; max(3 px, 2%) covers both with room to spare.
+_INSIDE_MARGIN_PX = 3
+_INSIDE_MARGIN_FRACTION = 0.02
+_MIN_STAMP_ROOM = 3  # the least strip a stamp is shrunk to before the placement gives up
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,14 @@ class SyntheticConfig:
     against any model or metric. ``noise`` is the mean standard
     deviation of the per-pixel Gaussian noise on the [0, 1] image (each image draws 0.5x-1.5x).
     ``artifact_band`` is the width of the outer band, as a fraction of the side, that holds the
-    artifacts; the default 0.12 lies inside the 38/300 band that the study's crop removes.
+    border artifacts; the default 0.12 lies inside the 38/300 band that the study's crop removes.
+    ``artifact_placement`` (one of ``ARTIFACT_PLACEMENTS``) says where the artifacts go: ``"border"``
+    in that band only, ``"inside_crop"`` inside the crop window only (each pixel at least
+    ``crop_inset_px`` from every edge), ``"anywhere"`` each artifact in either, half and half. With
+    border placement the crop removes every shortcut by construction, which real data does not
+    grant: burned-in text, arrows and ECG electrodes also lie inside the crop window, and an audit of
+    the crop as a remedy needs shortcuts that it does not remove. ``"border"`` renders exactly the
+    images it always has.
     """
 
     n_images: int = 200
@@ -67,6 +95,7 @@ class SyntheticConfig:
     disease_strength: float = 0.5
     base_artifact_rate: float = 0.5
     artifact_band: float = 0.12
+    artifact_placement: str = "border"
     noise: float = 0.02
     seed: int = 0
 
@@ -96,6 +125,10 @@ class SyntheticConfig:
                 f"artifact_band * image_size = {self.artifact_band * self.image_size:.1f} px is too thin to "
                 f"draw artifacts in; it must be at least {_MIN_BAND_PX} px"
             )
+        if self.artifact_placement not in ARTIFACT_PLACEMENTS:
+            raise ValueError(
+                f"artifact_placement must be one of {', '.join(ARTIFACT_PLACEMENTS)}, got {self.artifact_placement!r}"
+            )
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
         if self.seed < 0:
@@ -105,6 +138,18 @@ class SyntheticConfig:
     def band_px(self) -> int:
         """Width of the artifact band in whole pixels: pixel k (from any edge) is in it iff k < band_px."""
         return math.floor(self.artifact_band * self.image_size)
+
+    @property
+    def crop_inset_px(self) -> int:
+        """Least distance, in pixels, of every pixel of an inside-crop artifact to every image edge.
+
+        ``ceil(STUDY_CROP_RATIO * size)`` (the crop line) plus a margin of ``max(3, ceil(0.02 * size))``
+        pixels, so that resizing into any model frame of 112-299 px (bilinear or bicubic,
+        antialiased) leaves none of the artifact's influence in the border that the crop removes.
+        """
+        size = self.image_size
+        margin = max(_INSIDE_MARGIN_PX, math.ceil(_INSIDE_MARGIN_FRACTION * size))
+        return math.ceil(STUDY_CROP_RATIO * size) + margin
 
 
 def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "train") -> LoadedDataset:
@@ -124,7 +169,7 @@ def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "
         label = config.classes[index % len(config.classes)]
         phantom = render_phantom(config, index, label)
         rate = r + shortcut_strength * (1 - r) if label == config.positive_class else r * (1 - shortcut_strength)
-        artifact_mask, ink, kinds = _artifacts(config, index, variant, rate, phantom.lung_mask)
+        artifact_mask, ink, kinds, regions = _artifacts(config, index, variant, rate, phantom.lung_mask)
         samples.append(
             Sample(
                 sample_id=f"synthetic-{index:05d}",
@@ -136,7 +181,7 @@ def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "
                 artifact_mask=artifact_mask,
                 mask_source="synthetic",
                 artifact_mask_source="synthetic",
-                extra={"index": index, "variant": variant, "artifacts": kinds},
+                extra={"index": index, "variant": variant, "artifacts": kinds, "artifact_regions": regions},
             )
         )
     return LoadedDataset(samples=samples)
@@ -421,9 +466,14 @@ def _arrow_stamp(rng: np.random.Generator, size: int, room: int) -> np.ndarray:
         length *= 0.9
 
 
-def _wire_stamp(rng: np.random.Generator, size: int, room: int) -> np.ndarray:
-    """A thin wavy lead ending in a ring electrode, lying along a strip ``room`` pixels wide."""
+def _wire_stamp(rng: np.random.Generator, size: int, room: int, max_length: int | None = None) -> np.ndarray:
+    """A thin wavy lead ending in a ring electrode, lying along a strip ``room`` pixels wide.
+
+    ``max_length`` caps the lead's length (the border strips never need it).
+    """
     length = int(rng.uniform(0.2, 0.4) * size)
+    if max_length is not None:
+        length = max(2, min(length, max_length))
     height = min(room, max(3, round(0.08 * size)))
     radius = max(1, min(3, (height - 1) // 2))
     amplitude = (height - 1) / 2
@@ -454,7 +504,7 @@ def _marker_stamp(rng: np.random.Generator, size: int, room: int) -> np.ndarray:
     return stamp
 
 
-def _stamp(rng: np.random.Generator, kind: str, size: int, room: int) -> np.ndarray:
+def _stamp(rng: np.random.Generator, kind: str, size: int, room: int, max_length: int | None = None) -> np.ndarray:
     if kind == "laterality":
         return _text_bitmap("LR"[rng.integers(2)], min(room, max(7, round(0.075 * size))))
     if kind == "text":
@@ -462,7 +512,7 @@ def _stamp(rng: np.random.Generator, kind: str, size: int, room: int) -> np.ndar
     if kind == "arrow":
         return _arrow_stamp(rng, size, room)
     if kind == "wire":
-        return _wire_stamp(rng, size, room)
+        return _wire_stamp(rng, size, room, max_length)
     return _marker_stamp(rng, size, room)
 
 
@@ -492,23 +542,66 @@ def _place(rng: np.random.Generator, stamp: np.ndarray, size: int, band: int, fo
     raise RuntimeError(f"no free place for a {h}x{w} artifact in a {band}-px band of a {size}-px image")
 
 
+def _place_inside(rng: np.random.Generator, kind: str, size: int, inset: int, forbidden: np.ndarray):
+    """A ``kind`` stamp and its top-left corner, all of it at least ``inset`` px from every edge, clear of ``forbidden``.
+
+    The corner is drawn uniformly among all the places where the stamp fits (the abdomen below the
+    diaphragm, the mediastinum and neck, the shoulders, the window's corners, as the anatomy
+    leaves room). Where the stamp fits nowhere it is drawn again, smaller, down to a
+    ``_MIN_STAMP_ROOM``-px strip; only then does the placement give up.
+    """
+    window = size - 2 * inset
+    blocked = forbidden[inset : size - inset, inset : size - inset].astype(np.float64)
+    room = window
+    while True:
+        stamp = _stamp(rng, kind, size, room, max_length=4 * room)
+        h, w = stamp.shape
+        if h <= window and w <= window:
+            # hits[r, c]: blocked pixels under the stamp with its corner at (r, c) of the window.
+            hits = signal.fftconvolve(blocked, stamp[::-1, ::-1].astype(np.float64), mode="valid")
+            spots = np.flatnonzero(hits < 0.5)
+            if spots.size:
+                r, c = divmod(int(spots[rng.integers(spots.size)]), window - w + 1)
+                return stamp, (inset + r, inset + c)
+        if room <= _MIN_STAMP_ROOM:
+            raise RuntimeError(
+                f"no free place for a {kind} artifact inside the crop window of a {size}-px image "
+                f"({inset} px from each edge, {window} px wide): the lungs and the other artifacts leave "
+                f"no room even for a {_MIN_STAMP_ROOM}-px stamp"
+            )
+        smallest = min(room, h, w)
+        room = max(_MIN_STAMP_ROOM, min(smallest - 1, int(0.8 * smallest)))
+
+
 def _artifacts(config: SyntheticConfig, index: int, variant: str, rate: float, lung_mask: np.ndarray):
-    """Artifact mask, its grey values, and the kinds drawn; the mask is empty unless u_i < rate."""
+    """Artifact mask, its grey values, and the kinds and regions drawn; the mask is empty unless u_i < rate.
+
+    "border" placement draws from the stream exactly as before the other placements existed.
+    """
     size, band = config.image_size, config.band_px
+    placement = config.artifact_placement
     rng = _rng(config.seed, index, _STREAM_ARTIFACT[variant])
     mask = np.zeros((size, size), bool)
     ink = np.zeros((size, size), np.float32)
     if rng.random() >= rate:
-        return mask, ink, ()
+        return mask, ink, (), ()
     # Keep a two-pixel gap to the lungs so that no artifact touches them even after resizing.
     forbidden = ndimage.binary_dilation(lung_mask, iterations=2)
     kinds = tuple(_ARTIFACT_KINDS[k] for k in rng.integers(len(_ARTIFACT_KINDS), size=1 + (rng.random() < 0.4)))
+    regions = []
     for kind in kinds:
-        stamp = _stamp(rng, kind, size, band - 2 * _MARGIN_PX)
-        r0, c0 = _place(rng, stamp, size, band, forbidden)
+        region = placement
+        if placement == "anywhere":
+            region = "border" if rng.random() < 0.5 else "inside_crop"
+        if region == "border":
+            stamp = _stamp(rng, kind, size, band - 2 * _MARGIN_PX)
+            r0, c0 = _place(rng, stamp, size, band, forbidden)
+        else:
+            stamp, (r0, c0) = _place_inside(rng, kind, size, config.crop_inset_px, forbidden)
+        regions.append(region)
         placed = np.zeros_like(mask)
         placed[r0 : r0 + stamp.shape[0], c0 : c0 + stamp.shape[1]] = stamp
         ink[placed] = rng.uniform(0.92, 1.0)
         mask |= placed
         forbidden |= ndimage.binary_dilation(placed)
-    return mask, ink, kinds
+    return mask, ink, kinds, tuple(regions)

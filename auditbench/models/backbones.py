@@ -3,11 +3,16 @@
 The cut is read from timm's ``feature_info``: the last entry whose module is not a pooling layer (VGG's
 14x14 map before the final max pool, ResNet's ``layer4``, EfficientNet's ``blocks.6``), so no
 per-architecture layer names live here.
+
+Grad-CAM can also explain a finer level of the same ``feature_info`` (:meth:`FeatureBackbone.layer_info`):
+``"last"`` is the CAM level above, ``"stride<N>"`` (``"stride16"``, ``"stride8"``) the deepest level at or
+before it whose reduction is <= N and that is not a pooling output.
 """
 from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -99,6 +104,11 @@ for _entry in (
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d)
 
 
+# The Grad-CAM layers a protocol names; layer_info accepts any "stride<N>".
+CAM_LAYERS = ("last", "stride16", "stride8")
+_STRIDE_LAYER = re.compile(r"stride([1-9][0-9]*)")
+
+
 def resolve_backbone(name: str) -> BackboneEntry:
     """The registered entry for ``name``; any other timm model name is accepted as-is."""
     if name in BACKBONES:
@@ -138,8 +148,10 @@ class FeatureBackbone(nn.Module):
     """A timm features-only model that returns one map ``A`` (B, C, h, w): its Grad-CAM layer.
 
     Attributes: ``name``, ``timm_name``, ``num_features`` (C), ``cam_level`` (the ``feature_info``
-    entry: module, reduction, index, num_chs), ``cam_layer_description`` and ``data_config`` (timm's
-    resolved mean, std, interpolation, input_size, crop_pct).
+    entry: module, reduction, index, num_chs), ``feature_levels`` (every ``feature_info`` entry up to the
+    CAM level, each with its ``index``), ``cam_layer_description`` and ``data_config`` (timm's resolved
+    mean, std, interpolation, input_size, crop_pct). :meth:`layer_info` / :meth:`layer_module` resolve a
+    Grad-CAM layer name (``"last"``, ``"stride16"``, ``"stride8"``) to a level and its module in ``body``.
     """
 
     def __init__(self, entry: BackboneEntry, weights: str | Path = "imagenet"):
@@ -148,6 +160,11 @@ class FeatureBackbone(nn.Module):
         self.timm_name = entry.timm_name
         self.body = _create_features(entry, weights, find_cam_level(entry.timm_name))
         self.cam_level: dict[str, Any] = self.body.feature_info.get_dicts()[0]
+        # The body holds the modules up to the CAM level only: finer levels are all in it, deeper ones are not.
+        self.feature_levels: list[dict[str, Any]] = [
+            {**level, "index": index}
+            for index, level in enumerate(self.body.feature_info.info[: self.cam_level["index"] + 1])
+        ]
         self.num_features: int = self.cam_level["num_chs"]
         self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.body)
         keras = f", as the study's Keras {entry.keras_cam_layer}" if entry.keras_cam_layer else ""
@@ -159,6 +176,54 @@ class FeatureBackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         (features,) = self.body(x)
         return features
+
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """The ``feature_info`` level (dict: module, reduction, num_chs, index) of a Grad-CAM layer name.
+
+        ``"last"`` is :attr:`cam_level`; ``"stride<N>"`` (e.g. ``"stride16"``, ``"stride8"``) is the deepest
+        level, at or before the CAM level, whose reduction is <= N and whose module is not a pooling layer. So
+        ``"stride16"`` is ``"last"`` for VGG (its CAM map already has stride 16). Raises ``ValueError`` for
+        any other name or when no level is that fine. ``module`` is timm's name in the full model; the module
+        itself is :meth:`layer_module`.
+
+        Example:
+            >>> build_backbone("resnet10t", weights="none").layer_info("stride8")["module"]
+            'layer2'
+        """
+        if layer == "last":
+            return dict(self.cam_level)
+        match = _STRIDE_LAYER.fullmatch(layer) if isinstance(layer, str) else None
+        if match is None:
+            raise ValueError(
+                f"unknown Grad-CAM layer {layer!r} for backbone {self.name!r}: expected 'last' or 'stride<N>'"
+                f" ({', '.join(map(repr, CAM_LAYERS))})"
+            )
+        stride = int(match.group(1))
+        for level in reversed(self.feature_levels):
+            if level["reduction"] <= stride and not isinstance(self._body_module(level["module"]), _POOLING):
+                return dict(level)
+        finest = ", ".join(f"{level['module']} (stride {level['reduction']})" for level in self.feature_levels)
+        raise ValueError(
+            f"Grad-CAM layer {layer!r}: backbone {self.name!r} has no feature level with stride <= {stride};"
+            f" its levels: {finest}"
+        )
+
+    def layer_module(self, layer: str) -> nn.Module:
+        """The module of ``body`` whose output is the map of Grad-CAM layer ``layer`` (see :meth:`layer_info`)."""
+        return self._body_module(self.layer_info(layer)["module"])
+
+    def _body_module(self, name: str) -> nn.Module:
+        # timm's feature wrappers keep the module (EfficientNetFeatures, FeatureListNet without flattening),
+        # flatten a first-level Sequential ("features.19" -> "features_19", FeatureListNet) or wrap the whole
+        # model ("body.block12.rep.0", FeatureHookNet without rewrite).
+        parts = name.split(".")
+        flattened = ".".join(["_".join(parts[:2]), *parts[2:]])
+        for candidate in dict.fromkeys((name, flattened, f"body.{name}")):
+            try:
+                return self.body.get_submodule(candidate)
+            except AttributeError:
+                continue
+        raise ValueError(f"feature level module {name!r} of {self.timm_name!r} is not in the backbone's body")
 
 
 def _create_features(entry: BackboneEntry, weights: str | Path, level: int) -> nn.Module:

@@ -19,7 +19,7 @@ class ModelSpec:
     augment: bool
     crop: bool
     task: TaskSpec
-    data_axes: dict[str, float] = field(default_factory=dict, hash=False)
+    data_axes: dict[str, float | str | int] = field(default_factory=dict, hash=False)
 
     def grid_row(self) -> dict:
         """The grid columns of the result tables (docs/tables.md)."""
@@ -36,10 +36,16 @@ class ModelSpec:
         }
 
 
-def data_axes(protocol: Protocol) -> dict[str, list[float]]:
-    """Grid axes that change the training data (only the synthetic shortcut strength so far)."""
+def data_axes(protocol: Protocol) -> dict[str, list]:
+    """Grid axes that change the training data: the synthetic shortcut strength, marker placement
+    and phantom seed (real data sets have none)."""
     if protocol.data.dataset == "synthetic":
-        return {"shortcut_strength": list(protocol.data.synthetic.shortcut_strength)}
+        synthetic = protocol.data.synthetic
+        return {
+            "shortcut_strength": list(synthetic.shortcut_strength),
+            "artifact_placement": list(synthetic.artifact_placement),
+            "data_seed": list(synthetic.seed) if synthetic.seed is not None else [protocol.seed],
+        }
     return {}
 
 
@@ -109,7 +115,8 @@ def _model_id(
         parts.append("crop" if crop else "full")
     for name, value in axis_map.items():
         if len(data_axes(protocol)[name]) > 1:
-            parts.append(f"{_axis_abbreviation(name)}{value:g}")
+            text = f"{value:g}" if isinstance(value, float) else str(value).replace("_", "")
+            parts.append(f"{_axis_abbreviation(name)}{text}")
     return "-".join(parts)
 
 

@@ -1,7 +1,7 @@
 """The protocol: one YAML file, validated into typed records.
 
 Top-level keys are fixed: ``name, seed, data, task, preprocessing, models, training, explain,
-metrics, selection, report``. List-valued grid axes (backbones, hidden sizes, finetune, augment,
+metrics, validation, selection, report``. List-valued grid axes (backbones, hidden sizes, finetune, augment,
 crop, tasks, synthetic shortcut strengths) expand to the model grid (:mod:`auditbench.protocol.grid`).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ class _Strict(BaseModel):
 
 
 def _as_list(value: Any) -> Any:
-    """Grid axes accept a scalar as a one-value axis."""
-    return value if isinstance(value, list) else [value]
+    """Grid axes accept a scalar as a one-value axis (None stays None: "the default")."""
+    return value if isinstance(value, list) or value is None else [value]
 
 
 class SyntheticSpec(_Strict):
@@ -31,10 +31,14 @@ class SyntheticSpec(_Strict):
     disease_strength: float | None = Field(None, gt=0)
     base_artifact_rate: float = Field(0.5, ge=0, le=1)
     artifact_band: float = Field(0.12, gt=0, lt=0.5)
+    # Grid axes (each a list): where markers are drawn, how strongly they follow the label, and
+    # which seed draws the phantom set (None: the protocol seed), so replicates see new images.
+    artifact_placement: list[Literal["border", "inside_crop", "anywhere"]] = ["border"]
     shortcut_strength: list[float] = [0.0]
+    seed: list[int] | None = None
     test_shortcut_strength: float = Field(0.0, ge=0, le=1)
 
-    _axis = field_validator("shortcut_strength", mode="before")(_as_list)
+    _axis = field_validator("shortcut_strength", "artifact_placement", "seed", mode="before")(_as_list)
 
     @field_validator("shortcut_strength")
     @classmethod
@@ -195,12 +199,32 @@ class TrainingSpec(_Strict):
 class ExplainSpec(_Strict):
     method: str = "gradcam"
     target: Literal["positive", "predicted"] = "positive"  # the class whose evidence is mapped
+    # The score differentiated: "log_odds" = logit[target] - logit[other], the quantity p(positive)
+    # depends on (a two-logit head's decision); "logit" = logit[target] alone, as in the Grad-CAM
+    # paper, which also shows evidence that raises both logits and so does not move p.
+    score: Literal["log_odds", "logit"] = "log_odds"
+    # The timm feature_info level explained: "last" (the classifier's own feature map), or the
+    # last level with stride <= 16 / <= 8 (finer maps; the backward runs through the top blocks).
+    layer: Literal["last", "stride16", "stride8"] = "last"
     batch_size: int = Field(32, ge=1)
 
 
 class MetricsSpec(_Strict):
-    border_fraction: float = Field(0.08, gt=0, lt=0.5)
+    # Outer band per side as a fraction of the *source* image side, mapped into each model frame,
+    # so cropped and uncropped models are scored on the same anatomy. None: the synthetic
+    # generator's marker band (data.synthetic.artifact_band, 0.12 by default).
+    border_fraction: float | None = Field(None, gt=0, lt=0.5)
     occlusion: bool = True
+    bootstrap: int = Field(1000, ge=0)  # patient-level bootstrap resamples for 95% CIs (0: none)
+
+
+class ValidationSpec(_Strict):
+    """The known-answer check of the audit (synthetic data): which models rely on the marker."""
+
+    # A model "relies on the shortcut" when removing the marker from a decorrelated test image
+    # moves p(positive) by more than this on average. Fixed before any result.
+    reliance_threshold: float = Field(0.1, gt=0, lt=1)
+    bootstrap: int = Field(2000, ge=0)  # model-level bootstrap resamples for the AUROC CIs
 
 
 class ConstraintSpec(_Strict):
@@ -236,6 +260,7 @@ class Protocol(_Strict):
     training: TrainingSpec = TrainingSpec()
     explain: ExplainSpec = ExplainSpec()
     metrics: MetricsSpec = MetricsSpec()
+    validation: ValidationSpec = ValidationSpec()
     selection: SelectionSpec = SelectionSpec()
     report: ReportSpec = ReportSpec()
 
@@ -257,3 +282,10 @@ class Protocol(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         return self
+
+    @property
+    def border_fraction(self) -> float:
+        """The border band per side, as a fraction of the source image side (metrics.border_fraction)."""
+        if self.metrics.border_fraction is not None:
+            return self.metrics.border_fraction
+        return self.data.synthetic.artifact_band

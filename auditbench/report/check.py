@@ -207,9 +207,8 @@ def _check_one(row: pd.Series, threshold: Threshold, registry: Any, result: Chec
 
 
 def _not_applicable(row: pd.Series, metric: str, registry: Any) -> bool:
-    """An undefined metric counts as met when the metric declares it (e.g. no artifact in view)."""
-    if registry is not None and metric in registry:
-        return bool(registry.get(metric).not_applicable_when_undefined)
-    # Without the metric registry, trust the run's own record of not-applicable metrics.
+    """An undefined metric counts as met only where the run proved its region out of the model's
+    view (models.csv ``not_applicable``, e.g. the crop removed every artifact); any other NaN
+    (no mask, blank maps) is a failure: the model is unverified on it."""
     listed = row.get("not_applicable", "")
     return isinstance(listed, str) and metric in re.split(r"[,;\s]+", listed)

@@ -25,12 +25,18 @@ REPORT_FILE = "report.html"
 TEMPLATE = "report.html.j2"
 RANKING_METRICS = [
     "accuracy", "balanced_accuracy", "roc_auc", "lung_mass", "border_mass", "artifact_mass",
-    "lung_enrichment", "pointing_game",
+    "lung_enrichment", "artifact_enrichment", "pointing_game", "shortcut_reliance", "shortcut_accuracy_drop",
 ]
 OCCLUSION_SUFFIX = "_occlusion_effect"
 CROP_METRICS = ["accuracy", "lung_mass", "border_mass", "artifact_mass"]
 SCATTER_AXES = ("accuracy", "lung_mass")
 SHORTCUT_AXIS = "shortcut_strength"
+RELIANCE_COLUMN = "shortcut_reliance_mean"
+RELIANCE_THRESHOLD = 0.1
+"""Scatter colour: a model "relies on the marker" when its mean shortcut_reliance exceeds this
+(the protocol's default validation.reliance_threshold; summary.json need not hold it)."""
+ALL_FRAMES = "all"
+"""validation.csv: the frame of the stratified rows (models compared only within a frame)."""
 CONFUSION_COUNTS = ["tn", "fp", "fn", "tp"]
 EXTERNAL_DROP = 0.10
 """External accuracy this far below internal is shown in red."""
@@ -158,15 +164,21 @@ def _ranking(tables: ResultTables, models: pd.DataFrame, directions: dict[str, b
             mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
             broken = any(_violates(mean, bound, value) for m, bound, value in constraints if m == metric)
             cells.append({"mean": _fmt(mean), "std": "" if _isnan(std) or _isnan(mean) else _fmt(std),
+                          "ci": "" if _isnan(mean) else _ci(row, metric),
                           "bad": broken, "na": _isnan(mean)})
+        unverified = _items(row.get("unverified"))
         rows.append({
             "rank": _fmt_int(row["rank"]),
             "model_id": _text(row["model_id"]),
             "config": [_text(row[c]) for c in varying],
             "cells": cells,
             "meets": bool(row["meets_constraints"]),
-            "violations": [v.strip() for v in _text(row["violations"]).split(";") if v.strip()] or ["violates"],
+            "violations": _items(row["violations"]) or ["violates"],
+            "unverified": unverified,
+            "verified": not unverified and bool(row.get("verified", True)),
             "not_applicable": _text(row["not_applicable"]),
+            "frame": _text(row.get("frame")),
+            "geometry": _geometry(row),
             "pareto": bool(row["pareto"]),
             "selected": bool(row["selected"]),
         })
@@ -176,7 +188,32 @@ def _ranking(tables: ResultTables, models: pd.DataFrame, directions: dict[str, b
         "metrics": [{"name": m, "arrow": _arrow(directions.get(m)), "title": descriptions.get(m, "")}
                     for m in metrics],
         "rows": rows,
+        "has_frame": any(r["frame"] or r["geometry"] for r in rows),
     }
+
+
+def _ci(row: pd.Series, metric: str, digits: int = 2) -> str:
+    """``[low, high]`` from ``<metric>_ci_low``/``_ci_high``; "" where the columns are absent or NaN."""
+    low, high = _number(row.get(f"{metric}_ci_low")), _number(row.get(f"{metric}_ci_high"))
+    if math.isnan(low) or math.isnan(high):
+        return ""
+    return f"[{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _geometry(row: pd.Series) -> str:
+    """The explained map's geometry, e.g. ``4×4 map, stride 32 px``; "" where unknown."""
+    size, stride = _number(row.get("cam_map_size")), _number(row.get("cam_stride"))
+    parts = []
+    if not math.isnan(size):
+        parts.append(f"{_fmt_int(size)}×{_fmt_int(size)} map")
+    if not math.isnan(stride):
+        parts.append(f"stride {_fmt(stride, 0) if stride == round(stride) else _fmt(stride, 1)} px")
+    return ", ".join(parts)
+
+
+def _items(value: Any) -> list[str]:
+    """The ``;``-separated entries of a text cell (violations, unverified)."""
+    return [v.strip() for v in _text(value).split(";") if v.strip()]
 
 
 def _scatter(tables: ResultTables, models: pd.DataFrame, directions: dict[str, bool]) -> dict[str, Any] | None:
@@ -194,8 +231,10 @@ def _scatter(tables: ResultTables, models: pd.DataFrame, directions: dict[str, b
     w, h = _SVG["width"], _SVG["height"]
     x0, x1 = _SVG["left"], w - _SVG["right"]
     y0, y1 = h - _SVG["bottom"], _SVG["top"]
-    x_ticks, (xlo, xhi), x_digits = _axis(x[shown])
-    y_ticks, (ylo, yhi), y_digits = _axis(y[shown])
+    x_ci = _ci_columns(models, x_name)
+    y_ci = _ci_columns(models, y_name)
+    x_ticks, (xlo, xhi), x_digits = _axis(pd.concat([x[shown], *(c[shown] for c in x_ci or ())]).dropna())
+    y_ticks, (ylo, yhi), y_digits = _axis(pd.concat([y[shown], *(c[shown] for c in y_ci or ())]).dropna())
 
     def px(v: float) -> float:
         return round(x0 + (v - xlo) / (xhi - xlo) * (x1 - x0), 1)
@@ -203,15 +242,29 @@ def _scatter(tables: ResultTables, models: pd.DataFrame, directions: dict[str, b
     def py(v: float) -> float:
         return round(y0 + (v - ylo) / (yhi - ylo) * (y1 - y0), 1)
 
+    reliance = pd.to_numeric(models[RELIANCE_COLUMN], errors="coerce") if RELIANCE_COLUMN in models else None
+    if reliance is not None and reliance.isna().all():
+        reliance = None
     shortcut = pd.to_numeric(models[SHORTCUT_AXIS], errors="coerce") > 0 if SHORTCUT_AXIS in models else None
     points = []
     for i, row in models[shown].iterrows():
         title = f"#{_fmt_int(row['rank'])} {row['model_id']}: {x_name} {_fmt(x[i])}, {y_name} {_fmt(y[i])}"
-        if shortcut is not None:
+        if reliance is not None:
+            title += f", shortcut_reliance {_fmt(reliance[i])}"
+            kind = "unknown" if math.isnan(reliance[i]) else ("shortcut" if reliance[i] > RELIANCE_THRESHOLD else "clean")
+        elif shortcut is not None:
             title += f", {SHORTCUT_AXIS} {row[SHORTCUT_AXIS]}"
+            kind = "shortcut" if shortcut[i] else "clean"
+        else:
+            kind = "clean"
+        whiskers = []
+        for ci, axis, at, across in ((x_ci, "x", py(y[i]), px), (y_ci, "y", px(x[i]), py)):
+            if ci is None or _isnan(ci[0][i]) or _isnan(ci[1][i]):
+                continue
+            whiskers.append({"axis": axis, "at": at, "lo": across(ci[0][i]), "hi": across(ci[1][i])})
         points.append({
             "x": px(x[i]), "y": py(y[i]), "rank": _fmt_int(row["rank"]), "title": title,
-            "kind": "shortcut" if shortcut is not None and shortcut[i] else "clean",
+            "kind": kind, "whiskers": whiskers,
             "selected": selected is not None and str(row["model_id"]) == selected,
         })
     # Along the front, sorted from worst to best x, each step holds x and drops y to the next point's
@@ -228,9 +281,20 @@ def _scatter(tables: ResultTables, models: pd.DataFrame, directions: dict[str, b
         "y_ticks": [{"pos": py(t), "label": _fmt(t, y_digits)} for t in y_ticks],
         "x_label": x_name, "y_label": y_name, "x_arrow": _arrow(directions.get(x_name)),
         "y_arrow": _arrow(directions.get(y_name)), "points": points, "front": path,
-        "has_shortcut": shortcut is not None,
+        "colour_by": "reliance" if reliance is not None else ("strength" if shortcut is not None else None),
+        "has_unknown": any(p["kind"] == "unknown" for p in points),
+        "reliance_threshold": RELIANCE_THRESHOLD,
+        "has_ci": bool(x_ci or y_ci),
         "omitted": [_text(m) for m in models.loc[~shown, "model_id"]],
     }
+
+
+def _ci_columns(models: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series] | None:
+    """(ci_low, ci_high) of a metric as numbers; None where models.csv has no such columns."""
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if low not in models or high not in models:
+        return None
+    return pd.to_numeric(models[low], errors="coerce"), pd.to_numeric(models[high], errors="coerce")
 
 
 def _axis(values: pd.Series) -> tuple[list[float], tuple[float, float], int]:
@@ -276,25 +340,56 @@ def _crop_pairs(tables: ResultTables, models: pd.DataFrame) -> dict[str, Any] | 
     return {"metrics": metrics, "config_columns": shown, "rows": rows, "mean": mean}
 
 
-def _validation(validation: pd.DataFrame) -> list[dict[str, Any]]:
-    rows = []
-    for _, row in validation.iterrows():
-        auroc = _number(row["auroc"])
-        if math.isnan(auroc):
-            verdict, cls = "cannot tell (needs shortcut-trained and clean models)", "na"
-        elif bool(row["separates"]):
-            verdict, cls = "separates", "good"
-        else:
-            verdict, cls = "does not separate", "bad"
-        rows.append({
-            "metric": _text(row["metric"]), "kind": _text(row["kind"]),
-            "arrow": _arrow(bool(row["higher_is_better"])),
-            "n_shortcut": _fmt_int(row["n_shortcut_models"]), "n_clean": _fmt_int(row["n_clean_models"]),
-            "mean_shortcut": _fmt(row["mean_shortcut"]), "mean_clean": _fmt(row["mean_clean"]),
-            "difference": _fmt(row["difference"], signed=True), "auroc": _fmt(auroc, 2),
-            "verdict": verdict, "cls": cls,
-        })
-    return rows
+def _validation(validation: pd.DataFrame) -> dict[str, Any] | None:
+    """The stratified ("all") rows as the main table, the per-frame rows apart."""
+    if validation.empty:
+        return None
+    frames = (validation["frame"].map(_text) if "frame" in validation
+              else pd.Series(ALL_FRAMES, index=validation.index))
+    order = {m: k for k, m in enumerate(dict.fromkeys(validation["metric"].map(_text)))}
+    main, per_frame = [], []
+    for i, row in validation.iterrows():
+        entry = _validation_row(row, frames[i])
+        (main if frames[i] in (ALL_FRAMES, "") else per_frame).append(entry)
+    if not main:  # no stratified rows: the per-frame rows are all there is
+        main, per_frame = per_frame, []
+    per_frame.sort(key=lambda r: order.get(r["metric"], len(order)))
+    return {"main": main, "per_frame": per_frame,
+            "frames": list(dict.fromkeys(r["frame"] for r in per_frame))}
+
+
+def _validation_row(row: pd.Series, frame: str) -> dict[str, Any]:
+    def get(name: str, old: str | None = None) -> Any:  # old: the column's name before the schema change
+        return row.get(name, row.get(old) if old else None)
+
+    auroc, ci_low = _number(row["auroc"]), _number(get("auroc_ci_low"))
+    if math.isnan(auroc):
+        verdict, cls = "cannot tell (needs relying and non-relying models in one frame)", "na"
+    elif bool(row["separates"]):
+        verdict, cls = "separates", "good"
+    elif auroc >= SEPARATES_AUROC and not math.isnan(ci_low) and ci_low <= 0.5:
+        verdict, cls = "does not separate (CI reaches 0.5)", "bad"
+    else:
+        verdict, cls = "does not separate", "bad"
+    return {
+        "metric": _text(row["metric"]), "kind": _text(row["kind"]), "frame": _text(frame),
+        "arrow": _arrow(bool(row["higher_is_better"])),
+        "n_models": _fmt_int(get("n_models")),
+        "n_relying": _fmt_int(get("n_relying", "n_shortcut_models")),
+        "n_not_relying": _fmt_int(get("n_not_relying", "n_clean_models")),
+        "mean_relying": _fmt(get("mean_relying", "mean_shortcut")),
+        "mean_not_relying": _fmt(get("mean_not_relying", "mean_clean")),
+        "auroc": _fmt(auroc, 2), "auroc_ci": _interval(get("auroc_ci_low"), get("auroc_ci_high")),
+        "spearman": _fmt(get("spearman"), 2, signed=True),
+        "spearman_ci": _interval(get("spearman_ci_low"), get("spearman_ci_high"), signed=True),
+        "verdict": verdict, "cls": cls,
+    }
+
+
+def _interval(low: Any, high: Any, signed: bool = False) -> str:
+    if _isnan(low) or _isnan(high):
+        return ""
+    return f"[{_fmt(low, 2, signed)}, {_fmt(high, 2, signed)}]"
 
 
 def _external(tables: ResultTables, models: pd.DataFrame, classes: dict[int, str]) -> dict[str, Any] | None:

@@ -16,21 +16,24 @@ GRID_COLUMNS = ["model_id", "backbone", "weights", "hidden", "finetune", "augmen
 RESULTS_COLUMNS = ["split", "fold", "metric", "value"]
 """results.csv: after the grid columns."""
 
-MODEL_COLUMNS = ["n_folds"]
-"""models.csv: after the grid columns, before the ``<metric>_mean``/``<metric>_std`` pairs."""
+MODEL_COLUMNS = ["n_folds", "input_size", "frame", "cam_layer", "cam_map_size", "cam_stride"]
+"""models.csv: after the grid columns, before the ``<metric>_mean``/``_std``/``_ci_low``/``_ci_high`` groups."""
 
-MODEL_TAIL_COLUMNS = ["rank", "selected", "meets_constraints", "violations", "not_applicable", "pareto"]
+MODEL_TAIL_COLUMNS = [
+    "not_applicable", "meets_constraints", "verified", "violations", "unverified", "rank", "selected", "pareto",
+]
 """models.csv: after the metric pairs."""
 
 IMAGE_COLUMNS = [
     "model_id", "fold", "split", "sample_id", "source", "patient_id", "path", "label", "label_index",
-    "prediction", "p_positive", "correct", "mask_source", "has_artifact",
+    "prediction", "p_positive", "correct", "mask_source", "has_artifact", "artifact_status", "border_in_view",
 ]
 """images.csv: before one column per attention and occlusion metric."""
 
 VALIDATION_COLUMNS = [
-    "metric", "higher_is_better", "kind", "n_shortcut_models", "n_clean_models",
-    "mean_shortcut", "mean_clean", "difference", "auroc", "separates",
+    "metric", "higher_is_better", "kind", "frame", "n_models", "n_relying", "n_not_relying", "mean_relying",
+    "mean_not_relying", "auroc", "auroc_ci_low", "auroc_ci_high", "spearman", "spearman_ci_low", "spearman_ci_high",
+    "separates",
 ]
 SKIPPED_COLUMNS = ["path", "reason", "source"]
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]
@@ -57,11 +60,12 @@ GALLERY_DIR = "gallery"
 # Identifiers and names stay text: pandas would turn a sample id "NA" into NaN or "007" into 7.
 _TEXT_COLUMNS = {
     "model_id", "backbone", "weights", "task", "split", "metric", "sample_id", "source", "patient_id",
-    "path", "label", "mask_source", "violations", "not_applicable", "kind", "file", "reason",
+    "path", "label", "mask_source", "violations", "not_applicable", "kind", "file", "reason", "unverified",
+    "artifact_status", "frame", "cam_layer", "artifact_placement",
 }
 _BOOL_COLUMNS = {
     "finetune", "augment", "crop", "selected", "meets_constraints", "pareto", "correct",
-    "has_artifact", "higher_is_better", "separates",
+    "has_artifact", "higher_is_better", "separates", "verified", "border_in_view",
 }
 
 # file -> (columns it must have, whether the file may be absent or empty)

@@ -88,43 +88,53 @@ def pareto_front(models: pd.DataFrame, x: str, y: str) -> pd.Series:
 
 
 def rank_models(models: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
-    """``models`` sorted by rank with columns meets_constraints, violations, not_applicable, rank,
-    selected and pareto added.
+    """``models`` sorted by rank with columns meets_constraints, verified, violations, unverified,
+    not_applicable, rank, selected and pareto added.
 
-    Models meeting every constraint come first, ordered by the primary metric in its declared
-    direction; the others follow, also by primary. NaN primaries go last within their group; ties
-    are broken by ``model_id``. A NaN value breaks a constraint ("lung_mass=NaN (undefined)")
-    unless its metric is ``not_applicable_when_undefined``: then the constraint counts as met and the
-    metric is listed in ``not_applicable``. ``violations`` and ``not_applicable`` are '; '-joined.
-    Only rank 1 is ``selected``, and only when it meets every constraint; otherwise no model is
-    selected and a :class:`SelectionWarning` says so.
+    Each constraint is *met*, *violated*, *not applicable* or *unverified*. A NaN value is not
+    applicable only when the run proved the metric's region out of the model's view (the
+    ``not_applicable`` column written by ``audit.aggregate``, e.g. the crop removed every artifact);
+    it then counts as met. Any other NaN (no artifact mask, blank maps) leaves the constraint
+    unverified. Groups, in this order: verified models meeting every constraint; models with no
+    violation but some unverified constraint; models with a violation. Within a group: the primary
+    metric in its declared direction, then the second Pareto metric in its direction, then
+    ``model_id`` (the stated tie rule); NaN sorts last. Only rank 1 is ``selected``, and only when
+    it is verified and meets every constraint; otherwise none is and a :class:`SelectionWarning`
+    says so. ``violations``, ``unverified`` and ``not_applicable`` are '; '-joined.
     """
     ranked = models.copy()
+    proved = [set(filter(None, str(v).split("; "))) if isinstance(v, str) else set()
+              for v in ranked.get("not_applicable", pd.Series([""] * len(ranked), index=ranked.index))]
     violations: list[list[str]] = [[] for _ in range(len(ranked))]
+    unverified: list[list[str]] = [[] for _ in range(len(ranked))]
     not_applicable: list[list[str]] = [[] for _ in range(len(ranked))]
     for constraint in rule.constraints:
-        skip_nan = METRICS.get(constraint.metric).not_applicable_when_undefined
         for i, value in enumerate(_values(ranked, constraint.metric)):
-            if skip_nan and math.isnan(value):
-                not_applicable[i].append(constraint.metric)
+            if math.isnan(value):
+                (not_applicable if constraint.metric in proved[i] else unverified)[i].append(constraint.metric)
             elif (text := constraint.violation(value)) is not None:
                 violations[i].append(text)
     ranked["meets_constraints"] = [not v for v in violations]
+    ranked["verified"] = [not u for u in unverified]
     ranked["violations"] = ["; ".join(v) for v in violations]
-    ranked["not_applicable"] = ["; ".join(sorted(set(v))) for v in not_applicable]
+    ranked["unverified"] = ["; ".join(u) for u in unverified]
+    ranked["not_applicable"] = ["; ".join(sorted(p)) for p in proved]
 
+    tie_metric = rule.pareto[1] if rule.pareto[1] != rule.primary else rule.pareto[0]
+    group = np.where(~ranked["meets_constraints"].to_numpy(), 2, np.where(ranked["verified"].to_numpy(), 0, 1))
     order = pd.DataFrame({
-        "group": ~ranked["meets_constraints"].to_numpy(),
+        "group": group,
         "key": -_goodness(ranked, rule.primary),  # ascending key = best first; NaN sorts last
+        "tie": -_goodness(ranked, tie_metric) if f"{tie_metric}_mean" in ranked else 0.0,
         "model_id": ranked["model_id"].astype(str).to_numpy(),
     })  # positional index: the models table's own index may repeat
-    ranked = ranked.iloc[order.sort_values(["group", "key", "model_id"], na_position="last").index]
+    ranked = ranked.iloc[order.sort_values(["group", "key", "tie", "model_id"], na_position="last").index]
     ranked["rank"] = np.arange(1, len(ranked) + 1)
-    ranked["selected"] = (ranked["rank"] == 1) & ranked["meets_constraints"]
+    ranked["selected"] = (ranked["rank"] == 1) & ranked["meets_constraints"] & ranked["verified"]
     ranked["pareto"] = pareto_front(ranked, *rule.pareto).to_numpy()
     if len(ranked) and not ranked["selected"].any():
         warnings.warn(
-            f"no model meets every constraint; none of {len(ranked)} models is selected",
+            f"no model is verified to meet every constraint; none of {len(ranked)} models is selected",
             SelectionWarning, stacklevel=2,
         )
     return ranked
