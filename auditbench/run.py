@@ -47,7 +47,7 @@ from auditbench.report.overlays import overlay_png
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 from auditbench.training.device import Accelerator, select_accelerator
 from auditbench.training.features import CachedFeatures, extract_features
-from auditbench.training.trainer import finetune, train_head
+from auditbench.training.trainer import finetune, predict_logits, train_head
 
 # Synthetic data only: the internal test images redrawn with the training shortcut strength.
 TRAIN_DISTRIBUTION_SPLIT = "train_distribution"
@@ -55,7 +55,6 @@ CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "sensitivi
 COUNT_METRICS = ["tn", "fp", "fn", "tp"]
 ATTENTION_METRICS = ["lung_mass", "border_mass", "artifact_mass", "artifact_enrichment", "lung_enrichment", "pointing_game"]
 OCCLUSION_METRICS = ["artifact_occlusion_effect", "border_occlusion_effect", "lung_occlusion_effect"]
-BEHAVIOUR_METRICS = ["shortcut_reliance", "shortcut_accuracy_drop"]
 # One threshold rule everywhere: an image is called positive when p(positive) > 0.5.
 THRESHOLD = 0.5
 PACKAGES = ["auditbench", "torch", "torchvision", "timm", "captum", "numpy", "pandas", "scikit-image", "scikit-learn", "scipy"]
@@ -320,18 +319,10 @@ class Runner:
 
     def _probability_fn(self, model: ModelFold, inputs: GroupInputs):
         """p(positive) of images, the same precision path as :meth:`_predict_and_explain`."""
-        device = self.accelerator.device
 
-        @torch.no_grad()
         def predict(images: np.ndarray) -> np.ndarray:
-            out = []
-            backbone, head = model.classifier.backbone.to(device).eval(), model.classifier.head.to(device).eval()
-            for start in range(0, len(images), self.protocol.explain.batch_size):
-                x = normalise(images[start : start + self.protocol.explain.batch_size], inputs.mean, inputs.std).to(device)
-                with self.accelerator.autocast():
-                    feature_map = backbone(x)
-                out.append(torch.softmax(head(feature_map.float()), dim=1)[:, 1].cpu())
-            return torch.cat(out).numpy() if out else np.zeros(0)
+            logits = predict_logits(model.classifier, images, inputs.mean, inputs.std, self.protocol.explain.batch_size, self.accelerator)
+            return torch.softmax(logits, dim=1)[:, 1].numpy()
 
         return predict
 
@@ -348,11 +339,7 @@ class Runner:
         }
         with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            # Where only a sliver of the band's footprint is in view (no pixel mostly band), it is the band.
-            sliver = ~frames.border.any(axis=(1, 2))
-            border = frames.border.copy()
-            border[sliver] = frames.border_footprint[sliver]
-            attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, border, cell_px)
+            attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, frames.border, cell_px)
             caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
             values = dict(attention.values)
             if occlusion is not None and model.frozen:

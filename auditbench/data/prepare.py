@@ -81,7 +81,10 @@ def to_frames(samples: list[Sample], frame: FrameSpec, border_fraction: float) -
             if source is None or not source.any():
                 continue
             mapped = region_to_frame(source, frame)
-            masks["lungs" if name == "lung" else "artifacts" if name == "artifact" else "border"][i] = mapped.mask
+            # A band in view only as a sliver (no pixel mostly band) is that sliver, so the border
+            # is in view exactly where its footprint is.
+            region = mapped.footprint if name == "border" and not mapped.mask.any() else mapped.mask
+            masks["lungs" if name == "lung" else "artifacts" if name == "artifact" else "border"][i] = region
             masks[f"{name}_footprint"][i] = mapped.footprint
         if sample.artifact_mask is None:
             status[i] = ARTIFACT_UNKNOWN

@@ -153,12 +153,15 @@ def _train_mode_without_batchnorm(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def predict_logits(model, frames: np.ndarray, mean, std, batch_size: int, accelerator: Accelerator) -> torch.Tensor:
+    """Logits of a :class:`Classifier`: the backbone under the accelerator's precision, the head in
+    fp32, the path every p(positive) of the audit takes (original and occluded images alike)."""
     model.eval().to(accelerator.device)
     out = []
     for start in range(0, len(frames), batch_size):
         x = normalise(frames[start : start + batch_size], mean, std).to(accelerator.device)
         with accelerator.autocast():
-            out.append(model(x).float().cpu())
+            feature_map = model.features(x)
+        out.append(model.head(feature_map.float()).cpu())
     return torch.cat(out) if out else torch.empty(0, 2)
 
 
