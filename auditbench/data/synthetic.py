@@ -31,6 +31,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -167,17 +168,17 @@ def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "
     samples = []
     for index in range(config.n_images):
         label = config.classes[index % len(config.classes)]
-        phantom = render_phantom(config, index, label)
+        image, lung_mask = _phantom_pixels(config.seed, index, label, config.image_size, config.noise, config.disease_strength)
         rate = r + shortcut_strength * (1 - r) if label == config.positive_class else r * (1 - shortcut_strength)
-        artifact_mask, ink, kinds, regions = _artifacts(config, index, variant, rate, phantom.lung_mask)
+        artifact_mask, ink, kinds, regions = _artifacts(config, index, variant, rate, lung_mask)
         samples.append(
             Sample(
                 sample_id=f"synthetic-{index:05d}",
-                image=np.where(artifact_mask, ink, phantom.image),
+                image=np.where(artifact_mask, ink, image),
                 label=label,
                 patient_id=f"synthetic-{index:05d}",
                 source="synthetic",
-                lung_mask=phantom.lung_mask,
+                lung_mask=lung_mask.copy(),
                 artifact_mask=artifact_mask,
                 mask_source="synthetic",
                 artifact_mask_source="synthetic",
@@ -185,6 +186,18 @@ def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "
             )
         )
     return LoadedDataset(samples=samples)
+
+
+@functools.lru_cache(maxsize=512)
+def _phantom_pixels(seed: int, index: int, label: str, size: int, noise: float, disease_strength: float):
+    """Image and lung mask of :func:`render_phantom`, memoised by value (read-only arrays): every
+    shortcut strength, placement and variant of a data set draws its artifacts on the same phantoms,
+    so a validation grid renders each phantom once instead of once per view."""
+    config = SyntheticConfig(n_images=index + 1, image_size=size, noise=noise, disease_strength=disease_strength, seed=seed)
+    phantom = render_phantom(config, index, label)
+    for array in (phantom.image, phantom.lung_mask):
+        array.setflags(write=False)
+    return phantom.image, phantom.lung_mask
 
 
 # --- anatomy and disease -------------------------------------------------------------------------
