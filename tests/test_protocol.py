@@ -40,6 +40,16 @@ def test_grid_expands_every_axis(protocol_file):
     assert first.grid_row()["shortcut_strength"] == 0
 
 
+def test_backbone_finetune_modes_override_the_training_axis(protocol_file):
+    protocol = load_protocol(protocol_file, [
+        "models.backbones=[{name: resnet18, weights: none, finetune: false}, {name: resnet10t, weights: none}]",
+        "models.hidden=[256]", "preprocessing.crop=[false]", "data.synthetic.shortcut_strength=[0]",
+    ])
+    ids = [s.model_id for s in expand_grid(protocol)]
+    # resnet18 frozen only; resnet10t takes training.finetune [false, true]
+    assert ids == ["resnet18-frozen", "resnet10t-frozen", "resnet10t-ft"]
+
+
 def test_unknown_key_names_key_file_line_and_suggestion(protocol_file):
     protocol_file.write_text(MINIMAL.replace("training: {folds: 2", "traning: {folds: 2"))
     with pytest.raises(ProtocolError) as error:
@@ -110,7 +120,7 @@ def test_task_classes_must_be_binary_and_disjoint(protocol_file):
         load_protocol(protocol_file, ["task={name: t, positive: a, classes: {a: [covid], b: [covid]}}"])
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "paper.yaml", "validation.yaml"])
 def test_shipped_protocols_validate(name):
     protocol = load_protocol(REPO / "protocols" / name)
     assert expand_grid(protocol)

@@ -49,6 +49,11 @@ def data_axes(protocol: Protocol) -> dict[str, list]:
     return {}
 
 
+def finetune_modes(protocol: Protocol, backbone: BackboneSpec) -> list[bool]:
+    """The training modes of one backbone: its own ``finetune`` list, else ``training.finetune``."""
+    return backbone.finetune if backbone.finetune is not None else protocol.training.finetune
+
+
 def _weights_tag(weights: str) -> str:
     return weights if weights in ("imagenet", "none") else "file"
 
@@ -59,15 +64,16 @@ def expand_grid(protocol: Protocol) -> list[ModelSpec]:
     backbone_names = [b.name for b in protocol.models.backbones]
     ambiguous_backbones = {n for n in backbone_names if backbone_names.count(n) > 1}
     specs = []
-    for task, axis_values, backbone, hidden, finetune, augment, crop in itertools.product(
-        protocol.task,
-        itertools.product(*axes.values()),
-        protocol.models.backbones,
-        protocol.models.hidden,
-        protocol.training.finetune,
-        protocol.training.augment,
-        protocol.preprocessing.crop,
-    ):
+    cells = (
+        (task, axis_values, backbone, hidden, finetune, augment, crop)
+        for task, axis_values, backbone, hidden in itertools.product(
+            protocol.task, itertools.product(*axes.values()), protocol.models.backbones, protocol.models.hidden,
+        )
+        for finetune, augment, crop in itertools.product(
+            finetune_modes(protocol, backbone), protocol.training.augment, protocol.preprocessing.crop,
+        )
+    )
+    for task, axis_values, backbone, hidden, finetune, augment, crop in cells:
         axis_map = dict(zip(axis_names, axis_values))
         specs.append(
             ModelSpec(
@@ -107,7 +113,7 @@ def _model_id(
         parts.append(task.name)
     if len(protocol.models.hidden) > 1:
         parts.append(f"h{hidden}")
-    if len(protocol.training.finetune) > 1:
+    if len({mode for b in protocol.models.backbones for mode in finetune_modes(protocol, b)}) > 1:
         parts.append("ft" if finetune else "frozen")
     if len(protocol.training.augment) > 1:
         parts.append("aug" if augment else "noaug")

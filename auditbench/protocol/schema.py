@@ -152,6 +152,12 @@ class PreprocessingSpec(_Strict):
 class BackboneSpec(_Strict):
     name: str
     weights: str = "imagenet"
+    # Training modes for this backbone alone (None: ``training.finetune``). Fine-tuning a
+    # random-init backbone for a few epochs at a low learning rate teaches it little, so a grid can
+    # spend its fine-tuning budget on the pretrained backbones only.
+    finetune: list[bool] | None = None
+
+    _axis = field_validator("finetune", mode="before")(_as_list)
 
 
 class ModelsSpec(_Strict):
