@@ -32,7 +32,7 @@ from auditbench.data.prepare import (
     ARTIFACT_ABSENT, ARTIFACT_OUT_OF_VIEW, Frames, TaskData, fill_missing_masks, load_sources, real_task_data,
     synthetic_task_data, to_frames,
 )
-from auditbench.data.records import Sample
+from auditbench.data.records import Sample, content_key
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
 from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
@@ -638,7 +638,6 @@ class Runner:
 
 @dataclass
 class _CachedSample:
-    sample: Sample
     frames: Frames  # this one image
     pooled: torch.Tensor  # (1, C)
     feature_map: torch.Tensor | None  # (1, C, h, w)
@@ -647,21 +646,23 @@ class _CachedSample:
 
 class SampleCache:
     """Frames, backbone features and occluded copies per sample for one backbone and model frame,
-    computed once and shared by every task and fold that holds the same Sample object."""
+    computed once and shared by every task, fold and grid cell that holds the same image and masks
+    (keyed by :func:`content_key`)."""
 
     def __init__(self, runner: Runner, backbone: FeatureBackbone, frame: FrameSpec):
         self.runner = runner
         self.backbone = backbone
         self.frame = frame
         self.mean, self.std = backbone.data_config["mean"], backbone.data_config["std"]
-        self._entries: dict[int, _CachedSample] = {}
+        self._entries: dict[str, _CachedSample] = {}
 
     def get(self, samples: list[Sample], keep_maps: bool, occlusion: bool) -> tuple[Frames, CachedFeatures, Occlusion | None]:
         occlusion = occlusion and self.runner.protocol.metrics.occlusion
-        missing = [s for s in samples if not self._usable(s, keep_maps, occlusion)]
+        keys = [content_key(s) for s in samples]
+        missing = {k: s for k, s in zip(keys, samples) if not self._usable(k, keep_maps, occlusion)}
         if missing:
-            self._compute(missing, keep_maps, occlusion)
-        entries = [self._entries[id(s)] for s in samples]
+            self._compute(list(missing), list(missing.values()), keep_maps, occlusion)
+        entries = [self._entries[k] for k in keys]
         frames = Frames.concatenate([e.frames for e in entries])
         features = CachedFeatures(
             torch.cat([e.pooled for e in entries]),
@@ -681,11 +682,10 @@ class SampleCache:
         }
         return frames, features, Occlusion(OccludedImages(len(entries), indices, filled), pooled)
 
-    def _usable(self, sample: Sample, keep_maps: bool, occlusion: bool) -> bool:
-        entry = self._entries.get(id(sample))
+    def _usable(self, key: str, keep_maps: bool, occlusion: bool) -> bool:
+        entry = self._entries.get(key)
         return (
             entry is not None
-            and entry.sample is sample  # an id can be reused once its object is gone
             and (not keep_maps or entry.feature_map is not None)
             and (not occlusion or entry.occluded is not None)
         )
@@ -698,10 +698,10 @@ class SampleCache:
                 runner.protocol.training.batch_size, keep_maps=keep_maps,
             )
 
-    def _compute(self, samples: list[Sample], keep_maps: bool, occlusion: bool) -> None:
+    def _compute(self, keys: list[str], samples: list[Sample], keep_maps: bool, occlusion: bool) -> None:
         runner = self.runner
         # Recomputing an entry keeps what it already had, so requests in any order never lose work.
-        held = [e for s in samples if (e := self._entries.get(id(s))) is not None and e.sample is s]
+        held = [e for k in keys if (e := self._entries.get(k)) is not None]
         keep_maps = keep_maps or any(e.feature_map is not None for e in held)
         occlusion = occlusion or any(e.occluded is not None for e in held)
         with runner.clock.stage("preprocess"):
@@ -721,9 +721,8 @@ class SampleCache:
                     pooled = self._features(filled, keep_maps=False).pooled
                     for row, i in enumerate(occluded.indices[region]):
                         per_sample[i][region] = (filled[row], pooled[row : row + 1])
-        for i, sample in enumerate(samples):
-            self._entries[id(sample)] = _CachedSample(
-                sample,
+        for i, key in enumerate(keys):
+            self._entries[key] = _CachedSample(
                 frames.subset(np.array([i])),
                 features.pooled[i : i + 1],
                 features.maps[i : i + 1] if keep_maps else None,

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pandas as pd
 
 from auditbench.audit.aggregate import aggregate_models
 from auditbench.run import external_findings, stable_seed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(model, split, fold, **metrics):
@@ -48,3 +52,61 @@ def test_aggregate_models_mean_and_std_over_folds_of_the_internal_split():
 def test_stable_seed_is_fixed_text_hash():
     assert stable_seed(0, "m", 1) == stable_seed(0, "m", 1)
     assert stable_seed(0, "m", 1) != stable_seed(0, "m", 2)
+
+
+def test_content_key_follows_image_and_masks_not_object_identity():
+    import dataclasses
+
+    import numpy as np
+
+    from auditbench.data.records import Sample, content_key
+
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    lungs = np.zeros((8, 8), bool)
+    lungs[2:6, 2:6] = True
+    a = Sample("s1", image, "covid", "p1", "synthetic", lung_mask=lungs)
+    twin = Sample("s1", image.copy(), "normal", "p9", "other", lung_mask=lungs.copy())  # same pixels and masks
+    assert content_key(a) == content_key(twin)
+    changed_pixel = image.copy()
+    changed_pixel[0, 0] += 1e-6
+    changed_mask = lungs.copy()
+    changed_mask[0, 0] = True
+    marker = np.zeros((8, 8), bool)
+    others = [
+        dataclasses.replace(a, sample_id="s2"),
+        dataclasses.replace(a, image=changed_pixel),
+        dataclasses.replace(a, lung_mask=changed_mask),
+        dataclasses.replace(a, lung_mask=None),
+        dataclasses.replace(a, artifact_mask=marker),  # "no marker" (empty mask) differs from "unknown" (None)
+    ]
+    keys = {content_key(s) for s in others}
+    assert len(keys) == len(others) and content_key(a) not in keys
+
+
+def test_sample_cache_runs_the_backbone_once_per_distinct_image(tmp_path, monkeypatch):
+    """Two views holding the same images (every training strength's decorrelated test view) share
+    one backbone pass; a view with a changed image is computed."""
+    import dataclasses
+
+    import auditbench.run as run_module
+    from auditbench.data.synthetic import SyntheticConfig, generate
+    from auditbench.protocol.loader import load_protocol
+
+    protocol = load_protocol(REPO / "protocols" / "quick.yaml", [
+        "models.backbones=[{name: resnet10t, weights: none}]", "preprocessing.input_size=32",
+    ])
+    runner = run_module.Runner(protocol, tmp_path, tmp_path)
+    passes = []
+    real_extract = run_module.extract_features
+    monkeypatch.setattr(run_module, "extract_features", lambda backbone, images, *a, **k: passes.append(len(images)) or real_extract(backbone, images, *a, **k))
+    cache = runner._sample_cache("resnet10t", "none", False)
+    config = SyntheticConfig(n_images=6, image_size=48, seed=0)
+    view = generate(config, 0.0, "test").samples
+    same_images = generate(config, 0.0, "test").samples  # new objects, same content
+    assert view[0] is not same_images[0]
+    cache.get(view, keep_maps=True, occlusion=False)
+    cache.get(same_images, keep_maps=True, occlusion=False)
+    assert passes == [6]
+    edited = [dataclasses.replace(view[0], image=view[0].image * 0.5)] + same_images[1:]
+    frames, features, _ = cache.get(edited, keep_maps=False, occlusion=False)
+    assert passes == [6, 1] and features.pooled.shape[0] == 6

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,10 +137,9 @@ def _raw_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(zip(map(str, values), map(int, counts)))
 
 
-@functools.lru_cache(maxsize=4)
 def _generate_synthetic(config, shortcut_strength: float, variant: str) -> list[Sample]:
-    """Memoised so every grid cell that shares a view (e.g. the decorrelated test view of every
-    training strength) shares its Sample objects, and with them cached features."""
+    """One view of the phantoms. Views that hold the same images (the decorrelated test view of
+    every training strength) share cached features by content (``records.content_key``)."""
     from auditbench.data.synthetic import generate
 
     return generate(config, shortcut_strength, variant).samples

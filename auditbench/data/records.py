@@ -1,6 +1,7 @@
 """Typed records that the data stage hands to the rest of the pipeline."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,3 +68,19 @@ class LoadedDataset:
 
 class DataError(ValueError):
     """Bad data input that must stop the run before training (missing root, empty class)."""
+
+
+def content_key(sample: Sample) -> str:
+    """A key for what a model frame is made of: the sample id and the bytes of its image and masks.
+
+    Caches of frames and backbone features are keyed by it, not by object identity, so two views
+    that hold the same image (the decorrelated test view of every training strength, say) share
+    one backbone pass, and a changed image or mask can never hit a stale entry."""
+    digest = hashlib.blake2b(sample.sample_id.encode(), digest_size=16)
+    for array in (sample.image, sample.lung_mask, sample.artifact_mask):
+        if array is None:
+            digest.update(b"|none")
+            continue
+        digest.update(f"|{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return digest.hexdigest()
