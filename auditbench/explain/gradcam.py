@@ -25,55 +25,55 @@ Layer (``layer=``, resolved by :meth:`FeatureBackbone.layer_info`):
   forward hook on the level's module makes its output a leaf that requires grad and turns grad mode on,
   so only the top blocks after it and the head are recorded and differentiated
   (``torch.autograd.grad`` w.r.t. that leaf only: no parameter gradient is computed or stored).
+
+The other CAM methods share this plumbing (:mod:`auditbench.explain.cam_base`, :mod:`~.cam_levels`) and are
+registered in the same :data:`CAM_METHODS` when this module is imported: HiResCAM, Grad-CAM++, XGrad-CAM,
+LayerCAM and EigenCAM (:mod:`~.cam_methods`, feature level), Score-CAM and InputXGradient (:mod:`~.cam_input`,
+they need the images). This module re-exports what callers import: ``CAM_METHODS``, ``explain_batch``,
+``upsample_cams``, ``CamResult``, ``Target``, ``Score``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, Union
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from auditbench.explain.cam_base import (
+    CAM_METHODS,
+    SCORES,
+    CamFunction,
+    CamResult,
+    FeatureCam,
+    InputCam,
+    Score,
+    Target,
+    explain_batch,
+    feature_cam,
+    upsample_cams,
+)
+from auditbench.explain.cam_levels import LeafAtLevel as _LeafAtLevel  # noqa: F401  (the names of before)
+from auditbench.explain.cam_levels import check_score as _check_score
+from auditbench.explain.cam_levels import scores as _scores  # noqa: F401
+from auditbench.explain.cam_levels import target_indices as _target_indices  # noqa: F401
 from auditbench.models.backbones import FeatureBackbone
 from auditbench.models.classifier import Classifier
-from auditbench.registry import Registry
 
-Target = Union[int, Tensor, Literal["predicted"]]
-Score = Literal["log_odds", "logit"]
-SCORES: tuple[str, ...] = ("log_odds", "logit")
-
-
-class CamFunction(Protocol):
-    """A registered CAM method: raw maps (B, h, w) of ``head`` at cached ``features`` (B, C, h, w)."""
-
-    def __call__(self, head: nn.Module, features: Tensor, target: Target, *, score: Score = "log_odds") -> Tensor:
-        ...
-
-
-CAM_METHODS = Registry[CamFunction]("CAM method")
-
-
-@dataclass(frozen=True)
-class CamResult:
-    """Maps (B, H, W) at the input size, logits and softmax probabilities (B, classes), targets (B,)."""
-
-    maps: Tensor
-    logits: Tensor
-    probabilities: Tensor
-    targets: Tensor
+__all__ = [
+    "CAM_METHODS", "SCORES", "CamFunction", "CamResult", "FeatureCam", "GradCAM", "InputCam", "Score", "Target",
+    "explain_batch", "gradcam_from_features", "layer_gradcam", "upsample_cams",
+]
 
 
 @CAM_METHODS.register("gradcam")
-def gradcam_from_features(head: nn.Module, features: Tensor, target: Target, score: Score = "log_odds") -> Tensor:
-    """Raw Grad-CAM maps (B, h, w) of ``head`` at ``features`` (B, C, h, w): layer ``"last"``.
+@feature_cam("Grad-CAM")
+def gradcam_from_features(activation: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM (Selvaraju et al. 2017, ICCV): alpha_k = mean_ij dS/dA_k[i, j], map = ReLU(sum_k alpha_k A_k).
 
-    ``target`` is a class index for every image, a (B,) tensor of indices, or ``"predicted"`` (argmax).
-    ``score`` is ``"log_odds"`` (logit_t minus the other logit; see the module docstring) or ``"logit"``.
-    The head must be in eval mode (dropout would make the maps random).
+    Called as ``gradcam_from_features(head, features, target, score="log_odds") -> (B, h, w)``: raw maps of
+    ``head`` at ``features`` (B, C, h, w), layer ``"last"``. ``target`` is a class index for every image, a (B,)
+    tensor of indices, or ``"predicted"`` (argmax). ``score`` is ``"log_odds"`` (logit_t minus the other logit;
+    see the module docstring) or ``"logit"``. The head must be in eval mode (dropout would make the maps
+    random). ``gradcam_from_features.explain(backbone, head, x, target, score=..., layer=...)`` works at any level.
     """
-    _check_score(score)
-    return _gradcam(head, features, target, score)[0]
+    return (gradients.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1)
 
 
 def layer_gradcam(
@@ -97,11 +97,6 @@ def layer_gradcam(
     """
     cams, logits, _ = _layer_gradcam(backbone, head, x, target, layer, score)
     return cams, logits
-
-
-def upsample_cams(cams: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling (``align_corners=False``) of maps (B, h, w) to (B, *size); ReLU maps stay >= 0."""
-    return F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 class GradCAM:
@@ -132,109 +127,18 @@ def _layer_gradcam(
     backbone: FeatureBackbone, head: nn.Module, x: Tensor, target: Target, layer: str, score: Score
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_score(score)
-    level = backbone.layer_info(layer)
-    if backbone.training:
-        raise ValueError("Grad-CAM needs the backbone in eval mode: call backbone.eval() first")
-    if head.training:
-        raise ValueError("Grad-CAM needs the head in eval mode: call head.eval() first")
-    if level["index"] == backbone.cam_level["index"]:  # "last", or a stride whose level is the last (VGG)
-        with torch.no_grad():
-            features = backbone(x)
-        return _gradcam(head, features, target, score)
-
-    leaf = _LeafAtLevel(level["module"])
-    # No graph below the level: grad mode is off until the hook turns it on at the level's output.
-    # no_grad's exit restores the caller's grad mode whatever happened inside, and the hook goes either way.
-    with torch.no_grad():
-        handle = backbone.layer_module(layer).register_forward_hook(leaf)
-        try:
-            features = backbone(x)
-        finally:
-            handle.remove()
-    if leaf.activation is None:
-        raise RuntimeError(f"Grad-CAM layer {layer!r}: module {level['module']!r} did not run in the backbone's forward")
-    if not features.requires_grad:
-        raise RuntimeError(
-            f"Grad-CAM layer {layer!r}: the backbone's output does not depend on {level['module']!r} with a graph"
-            " (does the backbone turn grad mode off after that module?)"
-        )
-    with torch.enable_grad():
-        logits = head(features)
-        targets = _target_indices(target, logits)
-        (gradients,) = torch.autograd.grad(_scores(logits, targets, score).sum(), leaf.activation)
-    return _weighted_map(leaf.activation.detach(), gradients), logits.detach(), targets
-
-
-class _LeafAtLevel:
-    """Forward hook: the module's output becomes ``activation``, a leaf that requires grad, and grad mode is on
-    for the rest of the forward (the caller's ``no_grad`` context restores it)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.activation: Tensor | None = None
-
-    def __call__(self, module: nn.Module, inputs: object, output: object) -> Tensor:
-        if self.activation is not None:
-            raise RuntimeError(f"Grad-CAM level module {self.name!r} ran twice in one forward: its map is ambiguous")
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise TypeError(f"Grad-CAM level module {self.name!r} must return a (B, C, h, w) tensor, got {type(output)}")
-        self.activation = output.detach().requires_grad_()
-        torch.set_grad_enabled(True)
-        # A clone goes on, so an in-place op in the next block (e.g. ReLU(inplace=True)) changes neither the
-        # leaf (autograd forbids that) nor the activation the map is made of.
-        return self.activation.clone()
+    backbone.layer_info(layer)  # an unknown layer name fails first, as it always did
+    return gradcam_from_features.explain(backbone, head, x, target, score=score, layer=layer)
 
 
 def _gradcam(head: nn.Module, features: Tensor, target: Target, score: Score) -> tuple[Tensor, Tensor, Tensor]:
-    if head.training:
-        raise ValueError("Grad-CAM needs the head in eval mode: call head.eval() first")
-    features = features.detach().requires_grad_()
-    with torch.enable_grad():
-        logits = head(features)
-        targets = _target_indices(target, logits)
-        # Images are independent, so the gradient of the summed scores gives every image its own gradient.
-        (gradients,) = torch.autograd.grad(_scores(logits, targets, score).sum(), features)
-    return _weighted_map(features.detach(), gradients), logits.detach(), targets
+    """Grad-CAM maps, logits and targets of ``head`` at ``features`` (the cached path)."""
+    return gradcam_from_features.explain(None, head, None, target, score=score, features=features)
 
 
 def _weighted_map(activation: Tensor, gradients: Tensor) -> Tensor:
-    # In float32 even where the backbone ran under autocast: small weights times activations underflow in fp16.
-    weights = gradients.float().mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activation.float()).sum(dim=1))
+    return gradcam_from_features.map(activation, gradients)
 
 
-def _scores(logits: Tensor, targets: Tensor, score: Score) -> Tensor:
-    """Per-image score (B,): logit_t, or logit_t - logsumexp of the other logits (logit_t - logit_other for two)."""
-    chosen = logits.gather(1, targets[:, None])[:, 0]
-    if score == "logit":
-        return chosen
-    classes = logits.shape[1]
-    if classes < 2:
-        raise ValueError(f"score='log_odds' needs at least two logits, the head has {classes}; use score='logit'")
-    if classes == 2:
-        return chosen - logits.gather(1, (1 - targets)[:, None])[:, 0]
-    others = logits.masked_fill(F.one_hot(targets, classes).bool(), float("-inf"))
-    return chosen - others.logsumexp(dim=1)
-
-
-def _check_score(score: str) -> None:
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
-
-
-def _target_indices(target: Target, logits: Tensor) -> Tensor:
-    batch, classes = logits.shape
-    if isinstance(target, str):
-        if target != "predicted":
-            raise ValueError(f"target must be a class index, a tensor of indices or 'predicted', got {target!r}")
-        return logits.detach().argmax(dim=1)
-    if isinstance(target, int) and not isinstance(target, bool):  # checked without reading a device tensor back
-        if not 0 <= target < classes:
-            raise ValueError(f"targets must be class indices in [0, {classes}) for {batch} images, got {target}")
-        return torch.full((batch,), target, device=logits.device, dtype=torch.long)
-    targets = torch.as_tensor(target, device=logits.device, dtype=torch.long)
-    if targets.ndim == 0:
-        targets = targets.expand(batch)
-    if targets.shape != (batch,) or targets.min() < 0 or targets.max() >= classes:
-        raise ValueError(f"targets must be class indices in [0, {classes}) for {batch} images, got {target}")
-    return targets
+# The other methods register themselves in CAM_METHODS on import: importing this module gives the full registry.
+from auditbench.explain import cam_input, cam_methods  # noqa: E402,F401  (after CAM_METHODS' "gradcam")
