@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests never download: Hugging Face hub loaders (timm's ImageNet weights) stay offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Deterministic, and fair to a 2-core CI machine.
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -6,10 +6,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
-from auditbench.data.io import ImageReadError, read_mask, read_v7_mask, read_xray
+from auditbench.data.io import ImageReadError, MaskError, read_mask, read_v7_mask, read_xray, same_frame
 
 
 def _ramp(height: int = 64, width: int = 80) -> np.ndarray:
@@ -176,9 +177,11 @@ def test_read_mask_resizes_with_nearest(tmp_path):
     mask[:, :25] = 255
     path = tmp_path / "mask.png"
     Image.fromarray(mask).save(path)
-    resized = read_mask(path, (100, 80))
-    assert resized.dtype == bool and resized.shape == (100, 80)
-    assert resized[:, :40].all() and not resized[:, 40:].any()
+    resized = read_mask(path, (100, 100))
+    assert resized.dtype == bool and resized.shape == (100, 100)
+    assert resized[:, :50].all() and not resized[:, 50:].any()
+    stretched = read_mask(path, (100, 80), any_size=True)  # lungVAE's rule: any size, stretched
+    assert stretched.shape == (100, 80) and stretched[:, :40].all() and not stretched[:, 40:].any()
 
 
 def test_read_mask_accepts_0_1_and_palette_masks(tmp_path):
@@ -206,3 +209,182 @@ def test_read_v7_mask_splits_lung_and_ignore(tmp_path):
 def test_broken_mask_raises(tmp_path):
     with pytest.raises(ImageReadError):
         read_mask(_broken_file(tmp_path, "corrupt"), (40, 40))
+
+
+# -- masks that cannot be the image's mask ----------------------------------------------------------
+
+
+def _save(path: Path, values: np.ndarray, **kwargs) -> Path:
+    Image.fromarray(values).save(path, **kwargs)
+    return path
+
+
+def test_mask_of_another_aspect_ratio_is_refused_naming_both_sizes(tmp_path):
+    mask = np.zeros((50, 50), np.uint8)
+    mask[10:40, 10:40] = 255
+    path = _save(tmp_path / "square.png", mask)
+    with pytest.raises(MaskError, match=r"mask is 50x50 px, the image 80x100 px: another aspect ratio"):
+        read_mask(path, (100, 80))
+    with pytest.raises(MaskError, match="another aspect ratio"):
+        read_v7_mask(path, (100, 80))
+
+
+def test_same_frame_allows_the_rounding_of_a_downsized_image():
+    assert same_frame((750, 1000), (384, 512))  # 1000x750 read at max_side 512
+    assert same_frame((2200, 1992), (512, 464))  # round(1992 * 512 / 2200) = 464
+    assert same_frame((513, 401), (256, 200))
+    assert not same_frame((750, 1000), (512, 512))
+    assert not same_frame((1000, 750), (384, 512))  # transposed
+
+
+def test_non_binary_masks_are_refused(tmp_path):
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))  # a picture, not a mask
+    with pytest.raises(MaskError, match=r"not binary: \d+% of its pixels are mid-grey"):
+        read_mask(_save(tmp_path / "grey.png", grey), (64, 64))
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:, 20:40], labels[:, 40:] = 1, 2  # a label map: background, left lung, right lung
+    with pytest.raises(MaskError, match=r"not binary: 3 values \(0, 1, 2\), a label map"):
+        read_mask(_save(tmp_path / "labels.png", labels), (64, 64))
+
+
+def test_mask_marking_every_pixel_is_refused(tmp_path):
+    with pytest.raises(MaskError, match="marks every pixel"):
+        read_mask(_save(tmp_path / "full.png", np.full((40, 40), 255, np.uint8)), (40, 40))
+
+
+def test_two_valued_mask_in_any_colour_and_noisy_jpeg_mask_are_binary(tmp_path):
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[10:30, 10:30, 0] = 255  # drawn in red: luminance 76, below the old 128 threshold
+    red = read_mask(_save(tmp_path / "red.png", rgb), (40, 40))
+    assert red.sum() == 400 and red[10:30, 10:30].all()
+    mask = np.zeros((80, 80), np.uint8)
+    mask[20:60, 20:60] = 255
+    noisy = read_mask(_save(tmp_path / "noisy.jpg", mask, quality=75), (80, 80))
+    assert abs(int(noisy.sum()) - 1600) < 80
+
+
+def test_empty_mask_reads_as_all_false(tmp_path):
+    assert not read_mask(_save(tmp_path / "empty.png", np.zeros((40, 40), np.uint8)), (40, 40)).any()
+
+
+# -- DICOM ---------------------------------------------------------------------------------------
+
+def _dicom(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12, **elements) -> Path:
+    """A single-frame DX DICOM file with 16-bit allocated, ``bits_stored`` stored, uncompressed."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.PixelData = stored.astype("<u2").tobytes()
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    try:
+        ds.save_as(path, enforce_file_format=True)  # pydicom >= 3
+    except TypeError:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)  # pydicom 2.x
+    return path
+
+
+# Stored values in the columns of a 40x40 image (12 bits: 0..4095).
+_STORED = [0, 1, 2048, 2049, 4095, 300, 450, 451, 600]
+
+
+def _columns() -> np.ndarray:
+    stored = np.zeros((40, 40), np.uint16)
+    stored[:, : len(_STORED)] = _STORED
+    return stored
+
+
+def test_dicom_monochrome2_12_bit_keeps_its_precision(tmp_path):
+    image = read_xray(_dicom(tmp_path / "m2.dcm", _columns()))
+    assert image.dtype == np.float32 and image.shape == (40, 40)
+    # Scaled by BitsStored (4095), not by 16 bits or the image's own max; 2048 and 2049 stay apart.
+    np.testing.assert_allclose(image[0, : len(_STORED)], np.array(_STORED) / 4095, atol=1e-6)
+    assert image[0, 3] - image[0, 2] == pytest.approx(1 / 4095, abs=1e-6)
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    image = read_xray(_dicom(tmp_path / "m1.dcm", _columns(), photometric="MONOCHROME1"))
+    np.testing.assert_allclose(image[0, : len(_STORED)], 1 - np.array(_STORED) / 4095, atol=1e-6)
+    assert image[0, 0] == pytest.approx(1.0) and image[0, 4] == pytest.approx(0.0)
+
+
+def test_dicom_rescale_slope_and_intercept(tmp_path):
+    # slope -1, intercept 4095: stored s -> 4095 - s over the output range [0, 4095].
+    image = read_xray(_dicom(tmp_path / "inverse.dcm", _columns(), RescaleSlope=-1, RescaleIntercept=4095))
+    np.testing.assert_allclose(image[0, :5], [1.0, 4094 / 4095, 2047 / 4095, 2046 / 4095, 0.0], atol=1e-6)
+    # slope 2, intercept -1024: stored 1000 -> 976 in [-1024, 7166], i.e. (976 + 1024) / 8190.
+    stored = _columns()
+    stored[:, 9] = 1000
+    image = read_xray(_dicom(tmp_path / "linear.dcm", stored, RescaleSlope=2, RescaleIntercept=-1024))
+    assert image[0, 9] == pytest.approx(2000 / 8190, abs=1e-6)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_window_after_rescale(tmp_path, photometric):
+    # Rescale 2 s + 100, then the linear window of PS3.3 C.11.2.1.2 with centre 1000, width 501:
+    # x <= 749.5 -> 0, x > 1249.5 -> 1, else (x - 999.5) / 500 + 0.5.
+    path = _dicom(tmp_path / "window.dcm", _columns(), photometric, RescaleSlope=2, RescaleIntercept=100,
+                  WindowCenter=1000, WindowWidth=501)
+    image = read_xray(path)[0]
+    expected = {5: 0.0, 6: 0.501, 7: 0.505, 8: 1.0, 0: 0.0, 4: 1.0}  # stored 300, 450, 451, 600, 0, 4095
+    for column, value in expected.items():
+        want = value if photometric == "MONOCHROME2" else 1 - value
+        assert image[column] == pytest.approx(want, abs=1e-6), column
+
+
+def test_dicom_voi_lut_sequence(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4, 100, 10])  # LUT Descriptor: 4 entries from input 100, 10-bit output
+    item.add_new(0x00283006, "US", [0, 341, 682, 1023])  # LUT Data
+    stored = np.zeros((40, 40), np.uint16)
+    stored[:, 1], stored[:, 2], stored[:, 3], stored[:, 4] = 100, 101, 103, 4000
+    image = read_xray(_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=Sequence([item])))
+    np.testing.assert_allclose(image[0, :5], [0.0, 0.0, 341 / 1023, 1.0, 1.0], atol=1e-6)
+
+
+def test_large_dicom_is_downsampled(tmp_path):
+    stored = np.zeros((600, 400), np.uint16)
+    stored[:300] = 4095
+    image = read_xray(_dicom(tmp_path / "big.dcm", stored), max_side=300)
+    assert image.shape == (300, 200)
+    assert image[:140].min() > 0.99 and image[160:].max() < 0.01
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "no_pixels", "tiny"])
+def test_broken_dicom_raises_image_read_error(tmp_path, kind):
+    path = tmp_path / f"{kind}.dcm"
+    if kind == "garbage":
+        path.write_bytes(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 3)
+    elif kind == "truncated":
+        data = _dicom(path, _columns()).read_bytes()
+        path.write_bytes(data[: len(data) - 1000])
+    elif kind == "no_pixels":
+        _dicom(path, _columns())
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path)
+    else:
+        _dicom(path, np.full((20, 100), 7, np.uint16))
+    with pytest.raises(ImageReadError) as info:
+        read_xray(path)
+    assert info.value.path == str(path) and info.value.reason
+    if kind == "no_pixels":
+        assert "no PixelData" in info.value.reason
+    if kind == "tiny":
+        assert "100x20 px" in info.value.reason

@@ -107,7 +107,7 @@ def test_imagenet_weights_unavailable_fails_fast_with_a_hint(monkeypatch, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-    with pytest.raises(WeightsUnavailableError, match=r"'resnet18'.*weights: /path/to/file\.safetensors"):
+    with pytest.raises(WeightsUnavailableError, match=r"no ImageNet weights for resnet18 available offline; use weights: none or a file.*HF_HUB_OFFLINE is set"):
         build_backbone("resnet18", weights="imagenet")
 
 

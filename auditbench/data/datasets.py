@@ -7,7 +7,9 @@ theirs with ``@dataset_adapter("name", options={...})`` on a load function, or
 """
 from __future__ import annotations
 
+import csv
 import difflib
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from auditbench.data.io import ImageReadError, read_xray
+from auditbench.data.io import ImageReadError, MaskError, read_mask, read_xray
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
 from auditbench.registry import Registry
 
@@ -48,7 +50,9 @@ class FunctionAdapter:
         options = dict(options or {})
         check_options(self.name, options, self.options)
         options.setdefault("source", self.name)
-        return self.function(Path(root), options, max_side)
+        loaded = self.function(Path(root), options, max_side)
+        remove_duplicates(loaded)
+        return loaded
 
 
 def dataset_adapter(name: str, options: Mapping[str, str]) -> Callable[[LoadFunction], LoadFunction]:
@@ -94,18 +98,127 @@ def list_dir(path: Path, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a CSV file (UTF-8, optional BOM), or DataError naming the line and byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}, line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start} (column {column}) is not UTF-8; "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def csv_rows(reader, path: Path):
+    """The rows of a ``csv`` reader; a malformed CSV becomes DataError naming the file and line."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: not a readable CSV ({exc})") from None
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether ``path`` (symlinks resolved) lies inside ``root``."""
     return path.resolve().is_relative_to(root.resolve())
 
 
 def read_or_skip(path: Path, max_side: int | None, source: str, skipped: list[SkippedFile]) -> np.ndarray | None:
-    """``read_xray(path)``, or None after recording the file and reason in ``skipped``."""
+    """``read_xray(path)``, or None after recording the file and reason in ``skipped``.
+
+    A blank image (every pixel within one 8-bit grey level of the others) is recorded too: it
+    holds nothing to classify or explain.
+    """
     try:
-        return read_xray(path, max_side)
+        image = read_xray(path, max_side)
+        blank_image_check(image, path)
     except ImageReadError as exc:
         skipped.append(SkippedFile(path=str(path), reason=exc.reason, source=source))
         return None
+    return image
+
+
+def blank_image_check(image: np.ndarray, path: Path) -> None:
+    """Raise :class:`ImageReadError` for a constant (blank) image."""
+    low, high = float(image.min()), float(image.max())
+    if high - low < 1.0 / 255.0:
+        shown = f"every pixel is {low:.3f}" if high == low else f"every pixel lies in {low:.4f}..{high:.4f}"
+        raise ImageReadError(path, f"blank image: {shown} (constant, nothing to see)")
+
+
+def read_mask_or_skip(
+    path: Path, shape: tuple[int, int], kind: str, source: str, skipped: list[SkippedFile],
+    any_size: bool = False, empty_ok: bool | None = None,
+) -> np.ndarray | None:
+    """A ``kind`` mask ("lung", "artifact", ...) for an image of ``shape``, or None after recording
+    in ``skipped`` why the mask was not used (the image is kept without it).
+
+    Recorded: unreadable files, another aspect ratio than the image's (unless ``any_size``),
+    non-binary values, a mask marking every pixel, and an empty mask unless ``empty_ok``
+    (default: only artifact masks may be empty, saying the image has no artifact).
+    """
+    if empty_ok is None:
+        empty_ok = kind == "artifact"
+    try:
+        mask = read_mask(path, shape, any_size=any_size)
+    except ImageReadError as exc:
+        word = "unusable" if isinstance(exc, MaskError) else "unreadable"
+        skipped.append(SkippedFile(str(path), f"{kind} mask {word}, image kept without it: {exc.reason}", source))
+        return None
+    if not empty_ok and not mask.any():
+        skipped.append(SkippedFile(str(path), f"{kind} mask is empty (no foreground pixel), image kept without it", source))
+        return None
+    return mask
+
+
+def pixel_hash(image: np.ndarray) -> str:
+    """A digest of an image's pixels and shape: equal for the same picture read twice."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def remove_duplicates(loaded: LoadedDataset, kept: list[Sample] | None = None, where: str = "") -> None:
+    """Keep each image once: the same file (symlinks and ``..`` resolved) or the same pixels.
+
+    ``kept``: samples loaded before (another source, the training sources of an external set)
+    that win over ``loaded``'s. A later copy with the same label is dropped and recorded in
+    ``loaded.skipped`` ("duplicate of <first file>"); the same image with another label raises
+    :class:`DataError` naming both files.
+    """
+    by_path: dict[Path, Sample] = {}
+    by_pixels: dict[str, Sample] = {}
+
+    def index(sample: Sample, resolved: Path | None, pixels: str) -> None:
+        if resolved is not None:
+            by_path.setdefault(resolved, sample)
+        by_pixels.setdefault(pixels, sample)
+
+    for sample in kept or []:
+        index(sample, Path(sample.path).resolve() if sample.path else None, pixel_hash(sample.image))
+    unique = []
+    for sample in loaded.samples:
+        resolved = Path(sample.path).resolve() if sample.path else None
+        pixels = pixel_hash(sample.image)
+        first, how = by_path.get(resolved) if resolved is not None else None, "the same file"
+        if first is None:
+            first, how = by_pixels.get(pixels), "the same pixels"
+        if first is None:
+            index(sample, resolved, pixels)
+            unique.append(sample)
+            continue
+        if first.label != sample.label:
+            raise DataError(
+                f"the same image has two labels{where}: {sample.path or sample.sample_id} (label {sample.label!r}, "
+                f"source {sample.source!r}) and {first.path or first.sample_id} (label {first.label!r}, source "
+                f"{first.source!r}) are {how}; fix the label of one or remove it"
+            )
+        reason = f"duplicate of {first.path or first.sample_id} ({how}, same label {sample.label!r}){where}"
+        loaded.skipped.append(SkippedFile(sample.path or sample.sample_id, reason, sample.source))
+    loaded.samples[:] = unique
 
 
 def require_samples(dataset: str, root: Path, samples: list[Sample], skipped: list[SkippedFile], looked_for: str) -> None:

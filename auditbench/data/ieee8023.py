@@ -1,16 +1,20 @@
 """The "COVID-19 image data collection" (github ieee8023/covid-chestxray-dataset) as cloned.
 
 Layout: ``metadata.csv`` + ``images/``, lung masks in ``annotations/v7labs-masks/<stem>.png``
-(human, V7 Labs: 255 lung, 127 "Ignore" = artifact) and ``annotations/lungVAE-masks/<stem>_mask.png``
-(predicted by lungVAE, any size).
+(human, V7 Labs: 255 lung, 127 "Ignore" = artifact; at the image's original size, so a file of
+another aspect ratio is recorded and not used) and ``annotations/lungVAE-masks/<stem>_mask.png``
+(predicted by lungVAE, any size: stretched to the image).
 """
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
-from auditbench.data.datasets import dataset_adapter, inside, list_dir, read_or_skip, require_dir, require_samples
-from auditbench.data.io import ImageReadError, read_mask, read_v7_mask
+from auditbench.data.datasets import (
+    csv_rows, dataset_adapter, inside, list_dir, read_mask_or_skip, read_or_skip, read_utf8, require_dir, require_samples,
+)
+from auditbench.data.io import ImageReadError, MaskError, read_v7_mask
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
 
 NAME = "ieee8023"
@@ -86,8 +90,10 @@ def _options(options: dict) -> tuple[set[str], dict[str, str]]:
 def _masks(root: Path, stem: str, shape: tuple[int, int], source: str, skipped: list[SkippedFile]) -> dict:
     """Lung and artifact masks of one image: V7 first, lungVAE for the lungs otherwise.
 
-    A V7 file with no lung and no "Ignore" pixel is an image V7 did not annotate (the laterals)
-    and counts as absent; an empty lung mask of either source counts as no lung mask.
+    A V7 file with no lung and no "Ignore" pixel is an image V7 did not annotate (the laterals):
+    it counts as absent and is recorded. A V7 file with "Ignore" pixels but no lung gives the
+    artifact mask only (recorded). An empty, non-binary or unreadable lungVAE mask is recorded and
+    not used. The image is kept in every case.
     """
     found = {"lung_mask": None, "artifact_mask": None, "mask_source": "none", "artifact_mask_source": "none"}
     v7 = root / V7_DIR / f"{stem}.png"
@@ -95,21 +101,22 @@ def _masks(root: Path, stem: str, shape: tuple[int, int], source: str, skipped: 
         try:
             lung, ignore = read_v7_mask(v7, shape)
         except ImageReadError as exc:
-            skipped.append(SkippedFile(str(v7), f"V7 mask unreadable, image kept: {exc.reason}", source))
+            word = "unusable" if isinstance(exc, MaskError) else "unreadable"
+            skipped.append(SkippedFile(str(v7), f"V7 mask {word}, image kept without it: {exc.reason}", source))
         else:
             if lung.any() or ignore.any():
                 found.update(artifact_mask=ignore, artifact_mask_source="dataset-v7")
             if lung.any():
                 found.update(lung_mask=lung, mask_source="dataset-v7")
+            elif ignore.any():
+                skipped.append(SkippedFile(str(v7), "V7 mask has no lung pixel: its Ignore (artifact) region is used, not its lungs", source))
+            else:
+                skipped.append(SkippedFile(str(v7), "V7 mask is empty (no lung or Ignore pixel): not annotated, image kept without it", source))
     vae = root / LUNGVAE_DIR / f"{stem}_mask.png"
     if found["lung_mask"] is None and vae.is_file():
-        try:
-            lung = read_mask(vae, shape)
-        except ImageReadError as exc:
-            skipped.append(SkippedFile(str(vae), f"lungVAE mask unreadable, image kept: {exc.reason}", source))
-        else:
-            if lung.any():
-                found.update(lung_mask=lung, mask_source="dataset-lungvae")
+        lung = read_mask_or_skip(vae, shape, "lungVAE lung", source, skipped, any_size=True)
+        if lung is not None:
+            found.update(lung_mask=lung, mask_source="dataset-lungvae")
     return found
 
 
@@ -134,13 +141,13 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
         raise DataError(f"{NAME}: {metadata} not found; {root} holds {list_dir(root)}")
     samples: list[Sample] = []
     skipped: list[SkippedFile] = []
-    with open(metadata, newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(read_utf8(metadata), newline="") as handle:
         reader = csv.DictReader(handle, restval="")
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{NAME}: {metadata} lacks column(s) {missing}; found {reader.fieldnames}")
         line = reader.line_num + 1  # the line each record starts on (notes may span lines)
-        for row in reader:
+        for row in csv_rows(reader, metadata):
             start, line = line, reader.line_num + 1
             if row["modality"].strip() != "X-ray" or row["view"].strip() not in views:
                 continue

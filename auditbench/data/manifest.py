@@ -1,17 +1,19 @@
 """Any images listed in a CSV: ``path,label[,patient_id,lung_mask,artifact_mask,source,view]``.
 
 Paths are relative to the CSV's folder and must stay inside it. Blank optional cells are fine;
-other columns go to ``Sample.extra``.
+other columns go to ``Sample.extra``. The CSV must be UTF-8. Masks must have their image's aspect
+ratio (any size: they are nearest-resized to the image).
 """
 from __future__ import annotations
 
 import csv
+import io
+import os
 from pathlib import Path, PureWindowsPath
 
-import numpy as np
-
-from auditbench.data.datasets import dataset_adapter, inside, read_or_skip, require_samples
-from auditbench.data.io import ImageReadError, read_mask
+from auditbench.data.datasets import (
+    csv_rows, dataset_adapter, inside, read_mask_or_skip, read_or_skip, read_utf8, require_samples,
+)
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
 
 NAME = "manifest"
@@ -40,16 +42,6 @@ def _resolve(cell: str, base: Path, csv_path: Path, line: int, column: str) -> P
     return path
 
 
-def _mask(path: Path | None, shape: tuple[int, int], kind: str, source: str, skipped: list[SkippedFile]) -> np.ndarray | None:
-    if path is None:
-        return None
-    try:
-        return read_mask(path, shape)
-    except ImageReadError as exc:
-        skipped.append(SkippedFile(str(path), f"{kind} mask unreadable, image kept: {exc.reason}", source))
-        return None
-
-
 @dataset_adapter(NAME, options={})
 def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
     """The rows of the CSV ``root`` (or ``root/manifest.csv``).
@@ -57,21 +49,25 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
     ``source`` per row comes from the ``source`` cell, else the ``source`` option (default
     "manifest"); sample and patient ids are prefixed with it, so set distinct sources when
     combining manifests. A blank ``patient_id`` makes the image its own patient. Masks read from
-    the CSV have source "dataset"; an all-false lung mask counts as none.
+    the CSV have source "dataset"; a mask that cannot be used (unreadable, another aspect ratio,
+    not binary, an empty lung mask) is recorded in ``skipped`` and the image kept without it. The
+    same file listed twice (also as ``img/../img/x.png``) is kept once and recorded when both rows
+    give the same label, and is an error naming both lines otherwise.
     """
     csv_path = manifest_file(root)
     base = csv_path.parent
     samples: list[Sample] = []
     skipped: list[SkippedFile] = []
-    first_line: dict[str, int] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+    n_rows = 0
+    listed: dict[Path, tuple[int, str]] = {}  # resolved image file -> (first line, label)
+    with io.StringIO(read_utf8(csv_path), newline="") as handle:
         reader = csv.DictReader(handle, restval="")
         columns = [name.strip() for name in reader.fieldnames or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise DataError(f"{csv_path}: missing required column(s) {missing}; found columns {columns}")
         line = reader.line_num + 1
-        for raw in reader:
+        for raw in csv_rows(reader, csv_path):
             start, line = line, reader.line_num + 1
             # Cells past the header land under key None as a list; they carry no column name.
             row = {(k or "").strip(): v.strip() if isinstance(v, str) else "" for k, v in raw.items()}
@@ -83,16 +79,28 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
             path = _resolve(row["path"], base, csv_path, start, "path")
             source = row.get("source") or options["source"]
             sample_id = f"{source}:{Path(row['path']).as_posix()}"
-            if sample_id in first_line:
-                raise DataError(f"{csv_path}, line {start}: {row['path']!r} is already listed on line {first_line[sample_id]}")
-            first_line[sample_id] = start
+            n_rows += 1
             masks = {c: _resolve(row[c], base, csv_path, start, c) if row.get(c) else None for c in ("lung_mask", "artifact_mask")}
+            resolved = path.resolve()
+            if resolved in listed:
+                line_before, label_before = listed[resolved]
+                if label_before != row["label"]:
+                    raise DataError(
+                        f"{csv_path}, line {start}: {row['path']!r} is already listed on line {line_before} "
+                        f"(the same file) with label {label_before!r}, here {row['label']!r}; one image cannot have two labels"
+                    )
+                reason = f"duplicate of line {line_before} of {csv_path.name} (line {start}: the same file, same label)"
+                skipped.append(SkippedFile(os.path.join(base, row["path"]), reason, source))  # as written: ./x, a/../x
+                continue
+            listed[resolved] = (start, row["label"])
             image = read_or_skip(path, max_side, source, skipped)
             if image is None:
                 continue
-            lung = _mask(masks["lung_mask"], image.shape, "lung", source, skipped)
-            lung = lung if lung is not None and lung.any() else None
-            artifact = _mask(masks["artifact_mask"], image.shape, "artifact", source, skipped)
+            lung = read_mask_or_skip(masks["lung_mask"], image.shape, "lung", source, skipped) if masks["lung_mask"] else None
+            artifact = (
+                read_mask_or_skip(masks["artifact_mask"], image.shape, "artifact", source, skipped)
+                if masks["artifact_mask"] else None
+            )
             samples.append(
                 Sample(
                     sample_id=sample_id,
@@ -112,7 +120,7 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
                     },
                 )
             )
-    if not first_line:
+    if not n_rows:
         raise DataError(f"{csv_path}: no rows under the header {columns}")
     require_samples(NAME, csv_path, samples, skipped, f"the images listed in {csv_path.name}")
     return LoadedDataset(samples, skipped)

@@ -24,6 +24,7 @@ class TaskData:
     external: dict[str, tuple[list[Sample], np.ndarray]] = field(default_factory=dict)
     skipped: list[SkippedFile] = field(default_factory=list)
     clean_view: list[Sample] | None = None  # synthetic: test_view[i] without markers (its clean twin)
+    notes: list[str] = field(default_factory=list)  # for the run's notes, e.g. images outside the task
 
 
 # Per-image state of the artifact region in a frame (Frames.artifact_status).
@@ -132,6 +133,27 @@ def _check_classes(labels: np.ndarray, task: TaskSpec, where: str, found: dict[s
             )
 
 
+def outside_task_note(samples: list[Sample], task: TaskSpec, where: str) -> str | None:
+    """One line counting the images whose raw label the task leaves out, per label; None if none."""
+    outside = _raw_counts([s for s in samples if task.label_index(s.label) is None])
+    if not outside:
+        return None
+    counts = ", ".join(f"{label} {n}" for label, n in sorted(outside.items(), key=lambda kv: (-kv[1], kv[0])))
+    total = sum(outside.values())
+    return (
+        f"Task {task.name!r}, {where}: {total} of {len(samples)} images with labels outside the task "
+        f"({counts}) are not used by it (task classes: "
+        + "; ".join(f"{name} = {labels}" for name, labels in task.classes.items()) + ")."
+    )
+
+
+def _check_folds(protocol: Protocol, task: TaskSpec, labels: np.ndarray, groups: np.ndarray, where: str) -> None:
+    from auditbench.data.splits import check_fold_counts
+
+    check_fold_counts(labels, groups, protocol.training.folds, protocol.training.val_fraction,
+                      task.class_names, f"{where}, task {task.name!r}")
+
+
 def _raw_counts(samples: list[Sample]) -> dict[str, int]:
     values, counts = np.unique([s.label for s in samples], return_counts=True) if samples else ([], [])
     return dict(zip(map(str, values), map(int, counts)))
@@ -171,11 +193,13 @@ def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict) -> TaskD
     keep, labels = _select_task(train_view, task)
     _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
+    groups = np.array([train_view[i].patient_id for i in keep])
+    _check_folds(protocol, task, labels, groups, "synthetic data")
     return TaskData(
         train_view=[train_view[i] for i in keep],
         test_view=[test_view[i] for i in keep],
         labels=labels,
-        groups=np.array([train_view[i].patient_id for i in keep]),
+        groups=groups,
         clean_view=[clean_view[i] for i in keep],
     )
 
@@ -190,8 +214,12 @@ def _source_root(data: DataSpec, source: SourceSpec, base: Path) -> Path:
 
 
 def load_sources(sources: list[SourceSpec], data: DataSpec, base: Path) -> LoadedDataset:
-    """Load real data sets via the data set registry; unreadable files are recorded, not fatal."""
-    from auditbench.data.datasets import DATASETS
+    """Load real data sets via the data set registry; unreadable files are recorded, not fatal.
+
+    Each image is kept once across the sources (``datasets.remove_duplicates``): a later copy with
+    the same label is recorded in ``skipped``, one with another label is a DataError.
+    """
+    from auditbench.data.datasets import DATASETS, remove_duplicates
 
     loaded = LoadedDataset(samples=[], skipped=[])
     for source in sources:
@@ -206,6 +234,7 @@ def load_sources(sources: list[SourceSpec], data: DataSpec, base: Path) -> Loade
         if source.source:
             for sample in part.samples:
                 sample.source = source.source
+        remove_duplicates(part, kept=loaded.samples)
         loaded.extend(part)
     return loaded
 
@@ -230,13 +259,28 @@ def fill_missing_masks(samples: list[Sample], data: DataSpec) -> None:
 
 
 def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, external: dict[str, LoadedDataset]) -> TaskData:
+    """The task's images of the internal sources and of each external set.
+
+    An external image that is also an internal one (same file or pixels) is removed from the
+    external set and recorded (a test image must not be a training image); with another label it
+    is a DataError. Images with labels outside the task are counted in ``notes``. Too few patients
+    per class for ``training.folds`` is a DataError naming the class.
+    """
+    from auditbench.data.datasets import remove_duplicates
+
+    for name, loaded in external.items():
+        remove_duplicates(loaded, kept=internal.samples, where=f" (external set {name!r} vs data.sources)")
     keep, labels = _select_task(internal.samples, task)
     _check_classes(labels, task, "data.sources", _raw_counts(internal.samples))
+    notes = [outside_task_note(internal.samples, task, "data.sources")]
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
     samples = [internal.samples[i] for i in keep]
+    groups = np.array([s.patient_id for s in samples])
+    _check_folds(protocol, task, labels, groups, "data.sources")
     task_external = {}
     for name, loaded in external.items():
         ext_keep, ext_labels = _select_task(loaded.samples, task)
+        notes.append(outside_task_note(loaded.samples, task, f"external set {name!r}"))
         if ext_keep:
             task_external[name] = ([loaded.samples[i] for i in ext_keep], ext_labels)
     skipped = internal.skipped + [s for loaded in external.values() for s in loaded.skipped]
@@ -244,7 +288,8 @@ def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, 
         train_view=samples,
         test_view=samples,
         labels=labels,
-        groups=np.array([s.patient_id for s in samples]),
+        groups=groups,
         external=task_external,
         skipped=skipped,
+        notes=[note for note in notes if note],
     )

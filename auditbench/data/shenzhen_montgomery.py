@@ -1,5 +1,7 @@
 """Shenzhen (CHNCXR_*) and Montgomery County (MCUCXR_*) chest X-rays with human lung masks, in the
 pairs layout ``cxr/<name>.png`` + ``masks/<name>.png``; suffix ``_0`` normal, ``_1`` tuberculosis.
+Images may be any format :func:`auditbench.data.io.read_xray` reads (e.g. ``cxr/<name>.dcm``); the
+mask is ``masks/<name>.png`` (or the image's own file name), with the image's aspect ratio.
 
 Adult screening films from two hospitals: a natural external test set ("normal adults must not be
 called COVID").
@@ -8,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from auditbench.data.datasets import dataset_adapter, read_or_skip, require_dir, require_samples
-from auditbench.data.io import ImageReadError, read_mask
+from auditbench.data.datasets import dataset_adapter, read_mask_or_skip, read_or_skip, require_dir, require_samples
+from auditbench.data.io import IMAGE_SUFFIXES
 from auditbench.data.records import LoadedDataset, Sample, SkippedFile
 
 NAME = "shenzhen_montgomery"
@@ -19,13 +21,18 @@ HOSPITALS = {"CHNCXR": "shenzhen", "MCUCXR": "montgomery"}
 
 @dataset_adapter(NAME, options={"labels": f"raw labels to keep (default all of {sorted(LABELS.values())})"})
 def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
-    """Every ``cxr/*.png`` with its ``masks/*.png`` lung mask; each image is its own patient."""
+    """Every image in ``cxr/`` with its ``masks/`` lung mask; each image is its own patient.
+
+    A mask that cannot be used (unreadable, another aspect ratio, not binary, empty) is recorded in
+    ``skipped``; the image is kept without it.
+    """
     require_dir(root / "cxr", NAME, "cxr/*.png and masks/*.png")
     keep = set(options.get("labels") or LABELS.values())
     samples: list[Sample] = []
     skipped: list[SkippedFile] = []
     source = options["source"]
-    for path in sorted((root / "cxr").glob("*.png")):
+    files = [p for p in sorted((root / "cxr").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    for path in files:
         stem = path.stem
         label = LABELS.get(stem.rsplit("_", 1)[-1])
         if label is None:
@@ -36,13 +43,9 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
         image = read_or_skip(path, max_side, source, skipped)
         if image is None:
             continue
-        mask_path = root / "masks" / path.name
-        lung = None
-        if mask_path.is_file():
-            try:
-                lung = read_mask(mask_path, image.shape)
-            except ImageReadError as error:
-                skipped.append(SkippedFile(str(mask_path), f"{error.reason} (image kept without its mask)", source))
+        candidates = [root / "masks" / f"{stem}.png", root / "masks" / path.name]
+        mask_path = next((c for c in candidates if c.is_file()), None)
+        lung = read_mask_or_skip(mask_path, image.shape, "lung", source, skipped) if mask_path else None
         samples.append(
             Sample(
                 sample_id=f"{NAME}:{stem}",
@@ -57,5 +60,5 @@ def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
                 extra={"hospital": HOSPITALS.get(stem.split("_")[0], "unknown")},
             )
         )
-    require_samples(NAME, root, samples, skipped, "cxr/*.png")
+    require_samples(NAME, root, samples, skipped, "images in cxr/")
     return LoadedDataset(samples, skipped)

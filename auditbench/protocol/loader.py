@@ -24,7 +24,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise ProtocolError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+        raise ProtocolError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
     return key.strip().split("."), value
 
 
@@ -47,6 +47,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             else:
                 if isinstance(node, dict) and node.get(part) is None:
                     node[part] = {}
+                elif isinstance(node, list) and isinstance(node[part], str) and path[: depth] == ["models", "backbones"]:
+                    node[part] = {"name": node[part]}  # the shorthand `- resnet18` takes fields by index too
                 node = node[part]
     return raw
 
@@ -113,17 +115,65 @@ def _format_errors(error: ValidationError, origin: str, tree: yaml.Node | None) 
     return "invalid protocol:\n  " + "\n  ".join(lines)
 
 
+def _empty_grid_axes(protocol: Protocol) -> list[tuple]:
+    """The locations of the grid axes that are empty lists, so that the grid has no model."""
+    axes: list[tuple[tuple, list]] = [
+        (("task",), protocol.task),
+        (("models", "backbones"), protocol.models.backbones),
+        (("models", "hidden"), protocol.models.hidden),
+        (("training", "augment"), protocol.training.augment),
+        (("preprocessing", "crop"), protocol.preprocessing.crop),
+    ]
+    own = [(("models", "backbones", i, "finetune"), b.finetune) for i, b in enumerate(protocol.models.backbones)]
+    axes += [(loc, modes) for loc, modes in own if modes is not None]
+    if any(modes is None for _, modes in own) or not own:
+        axes.append((("training", "finetune"), protocol.training.finetune))
+    if protocol.data.dataset == "synthetic":
+        synthetic = protocol.data.synthetic
+        axes += [(("data", "synthetic", "shortcut_strength"), synthetic.shortcut_strength),
+                 (("data", "synthetic", "artifact_placement"), synthetic.artifact_placement)]
+        if synthetic.seed is not None:
+            axes.append((("data", "synthetic", "seed"), synthetic.seed))
+    return [loc for loc, values in axes if len(values) == 0]
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ProtocolError(
+            f"{path}, line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8; save the protocol as UTF-8"
+        ) from None
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """``, line L, column C: not valid YAML: problem (context)`` on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or not problem:
+        return ": not valid YAML: " + " ".join(str(error).split())
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} that starts on line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f", line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+
+
 def load_protocol(path: str | Path, overrides: list[str] | None = None) -> Protocol:
-    """Load, override and validate a protocol file. Raises :class:`ProtocolError`."""
+    """Load, override and validate a protocol file. Raises :class:`ProtocolError`, also when a grid
+    axis is an empty list (the grid would have no model)."""
     path = Path(path)
     if not path.is_file():
         raise ProtocolError(f"protocol file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         raw = yaml.safe_load(text)
         tree = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
-        raise ProtocolError(f"{path}: not valid YAML: {error}") from None
+        raise ProtocolError(f"{path}{_yaml_error(error)}") from None
     if not isinstance(raw, dict):
         raise ProtocolError(f"{path}: a protocol is a YAML mapping with keys {', '.join(Protocol.model_fields)}")
     origin = str(path)
@@ -131,9 +181,22 @@ def load_protocol(path: str | Path, overrides: list[str] | None = None) -> Proto
         raw = apply_overrides(raw, overrides)
         origin = f"{path} (after --set {' '.join(overrides)})"
     try:
-        return Protocol.model_validate(raw)
+        protocol = Protocol.model_validate(raw)
     except ValidationError as error:
         raise ProtocolError(_format_errors(error, origin, tree)) from None
+    empty = _empty_grid_axes(protocol)
+    if empty:
+        loc = empty[0]
+        line = _line_of(tree, loc)
+        dotted = ".".join(map(str, loc))
+        names = ", ".join(".".join(map(str, e)) for e in empty)
+        whole = any(len(e) != 4 for e in empty) or len(empty) == len(protocol.models.backbones)
+        what = "the grid has no models" if whole else f"backbone {protocol.models.backbones[loc[2]].name!r} has no models"
+        raise ProtocolError(
+            f"{origin}{f', line {line}' if line else ''}: {what}: {names} "
+            f"{'is an empty list' if len(empty) == 1 else 'are empty lists'}; give {dotted} at least one value"
+        )
+    return protocol
 
 
 def dump_protocol(protocol: Protocol) -> str:

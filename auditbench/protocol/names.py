@@ -30,3 +30,25 @@ def check_registered_names(protocol: Protocol) -> None:
             lookup(name)
         except UnknownNameError as error:
             raise UnknownNameError(f"{field}: {error}") from None
+
+
+def backbone_weights_errors(protocol: Protocol) -> list[Exception]:
+    """For every backbone whose weights cannot be had now (ImageNet weights neither local nor
+    downloadable, a missing weights file), its error, prefixed with the field
+    ``models.backbones.N.weights``. Fast: cache lookups and at most one short network probe per host."""
+    from auditbench.models.backbones import WeightsFileError, WeightsUnavailableError, check_weights
+
+    errors: list[Exception] = []
+    for index, backbone in enumerate(protocol.models.backbones):
+        try:
+            check_weights(backbone.name, backbone.weights)
+        except (WeightsUnavailableError, WeightsFileError) as error:
+            errors.append(type(error)(f"models.backbones.{index}.weights: {error}"))
+    return errors
+
+
+def check_backbone_weights(protocol: Protocol) -> None:
+    """Raise the first of :func:`backbone_weights_errors`."""
+    errors = backbone_weights_errors(protocol)
+    if errors:
+        raise errors[0]
