@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="Explainability audits of chest X-ray classifiers: accuracy and Grad-CAM attention on lungs vs artifacts.",
@@ -24,20 +25,40 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print ``error: message`` on stderr, unwrapped and verbatim (square brackets in paths and YAML
+    errors are text, not rich markup), and return the exit for bad input (2)."""
+    err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
-def _load(protocol: Path, overrides: list[str]):
+def _warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _say(text: str) -> None:
+    """Print text verbatim on stdout: no markup, no highlighting, no wrapping."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _load(protocol: Path, overrides: list[str], weights: str = "error"):
+    """The validated protocol, or exit 2 with one line: invalid fields, unknown names, a grid that
+    cannot be expanded, and (``weights="error"``) backbone weights that cannot be had now;
+    ``weights="warn"`` only prints those."""
+    from auditbench.protocol.grid import expand_grid
     from auditbench.protocol.loader import ProtocolError, load_protocol
-    from auditbench.protocol.names import check_registered_names
+    from auditbench.protocol.names import backbone_weights_errors, check_registered_names
     from auditbench.registry import UnknownNameError
 
     try:
         resolved = load_protocol(protocol, overrides)
         check_registered_names(resolved)
-    except (ProtocolError, UnknownNameError) as error:
-        raise _fail(f"{protocol}: {error}" if isinstance(error, UnknownNameError) else str(error)) from None
+        expand_grid(resolved)
+    except (ProtocolError, UnknownNameError, ValueError) as error:
+        raise _fail(str(error) if isinstance(error, ProtocolError) else f"{protocol}: {error}") from None
+    for error in backbone_weights_errors(resolved):
+        if weights == "error":
+            raise _fail(f"{protocol}: {error}")
+        _warn(f"{protocol}: {error} (`auditbench run` would stop here)")
     return resolved
 
 
@@ -52,14 +73,14 @@ def validate(
     """Check a protocol without running it; print the model grid it expands to."""
     from auditbench.protocol.grid import expand_grid
 
-    resolved = _load(protocol, overrides)
+    resolved = _load(protocol, overrides, weights="warn")
     try:
         specs = expand_grid(resolved)
     except ValueError as error:
         raise _fail(f"{protocol}: {error}") from None
-    console.print(f"[green]valid[/]: {protocol} -> {len(specs)} models x {resolved.training.folds} folds")
+    console.print(f"[green]valid[/]: {escape(str(protocol))} -> {len(specs)} models x {resolved.training.folds} folds", highlight=False)
     for spec in specs:
-        console.print(f"  {spec.model_id}", highlight=False)
+        _say(f"  {spec.model_id}")
 
 
 @app.command()
@@ -67,19 +88,29 @@ def run(
     protocol: Path = typer.Argument(..., help="Protocol YAML file, e.g. protocols/quick.yaml."),
     overrides: list[str] = SetOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default reports/<protocol name>/)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
+    ),
 ) -> None:
-    """Train the grid, explain, audit, rank and write CSV, JSON and HTML reports."""
+    """Train the grid, explain, audit, rank and write CSV, JSON and HTML reports.
+
+    The run writes beside --out and moves its folder into place when complete; an earlier run in
+    --out is replaced only then. A second run on the same --out is refused while one is running."""
     from auditbench.data.records import DataError
     from auditbench.models.backbones import WeightsFileError, WeightsUnavailableError
+    from auditbench.outputs import OutputError
     from auditbench.registry import UnknownNameError
     from auditbench.run import run_protocol
 
     resolved = _load(protocol, overrides)
     out_dir = out or Path("reports") / resolved.name
     try:
-        summary = run_protocol(resolved, out_dir, Path.cwd(), err_console)
-    except (DataError, WeightsUnavailableError, WeightsFileError, UnknownNameError) as error:
+        summary = run_protocol(resolved, out_dir, Path.cwd(), err_console, overwrite=overwrite, make_parents=out is None)
+    except (DataError, WeightsUnavailableError, WeightsFileError, UnknownNameError, OutputError) as error:
         raise _fail(str(error)) from None
+    except OSError as error:  # a full disk, a folder gone: nothing of --out was changed
+        raise _fail(f"cannot write the run's outputs: {error}; {out_dir} was left as it was") from None
     selected = summary["selected_model"] or "[bold red]none: no model meets the selection constraints[/]"
     console.print(f"selected model: {selected}")
     for note in summary["notes"]:
@@ -92,12 +123,12 @@ def run(
 @app.command()
 def report(out_dir: Path = typer.Argument(..., help="A run's output folder.")) -> None:
     """Re-render report.html from the result tables alone (no re-run)."""
-    from auditbench.report.html import render_report
+    from auditbench.outputs import OutputError, rerender_report
     from auditbench.report.tables import ResultsError
 
     try:
-        path = render_report(out_dir)
-    except ResultsError as error:
+        path = rerender_report(out_dir, lambda text: err_console.print(text, highlight=False, markup=False, soft_wrap=True))
+    except (ResultsError, OutputError) as error:
         raise _fail(str(error)) from None
     console.print(f"report: {path}")
 
@@ -116,37 +147,69 @@ def check(
     regression: list[str] = typer.Option(
         [], "--regression-metric", help="Metric held to the baseline (repeatable; default: the threshold metrics, else accuracy and lung_mass)."
     ),
-    tolerance: float = typer.Option(0.05, "--tolerance", help="How much worse than the baseline a metric may get."),
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance", help="How much worse than the baseline a metric may get (default 0.05)."
+    ),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy", help="YAML policy: thresholds, models, regression tolerances (docs/ci.md)."
+    ),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the verdict as JUnit XML to this file."),
 ) -> None:
     """CI gate: exit 0 when every threshold holds (and nothing regressed from --baseline), 1 when one
-    fails, 2 on bad input."""
-    from auditbench.report.check import CheckInputError, Threshold, parse_threshold_option, run_check
+    fails, 2 on bad input (including a folder that is not one complete run: manifest mismatch,
+    missing or extra result file)."""
+    from auditbench.report.check import (
+        DEFAULT_TOLERANCE, CheckInputError, Threshold, check_tolerance, load_policy_file, parse_threshold_option,
+        run_check, write_junit,
+    )
+
+    def bad_input(message: str) -> typer.Exit:
+        if junit is not None:
+            try:
+                write_junit(junit, None, out_dir, error=message)
+            except CheckInputError as error:
+                message = f"{message}; and {error}"
+        return _fail(message)
 
     try:
         thresholds = [
-            Threshold(metric, bound, value)
-            for metric, bound, value in (
-                ("lung_mass", "min", min_lung_mass),
-                ("border_mass", "max", max_border_mass),
-                ("artifact_mass", "max", max_artifact_mass),
-                ("accuracy", "min", min_accuracy),
+            Threshold(metric, bound, value, source=f"--{option} {value}")
+            for metric, bound, value, option in (
+                ("lung_mass", "min", min_lung_mass, "min-lung-mass"),
+                ("border_mass", "max", max_border_mass, "max-border-mass"),
+                ("artifact_mass", "max", max_artifact_mass, "max-artifact-mass"),
+                ("accuracy", "min", min_accuracy, "min-accuracy"),
             )
             if value is not None
         ]
         thresholds += [parse_threshold_option(text, "min") for text in minimum]
         thresholds += [parse_threshold_option(text, "max") for text in maximum]
-        if not thresholds and baseline is None:
-            raise CheckInputError("no thresholds given; e.g. --min-lung-mass 0.5, --max artifact_occlusion_effect=0.1 or --baseline DIR")
-        result = run_check(out_dir, thresholds, all_models, baseline, regression, tolerance)
+        if tolerance is not None:
+            check_tolerance(tolerance)
+            if baseline is None:
+                raise CheckInputError("--tolerance needs --baseline DIR to compare with")
+        rules = load_policy_file(policy) if policy is not None else None
+        if not thresholds and baseline is None and rules is None:
+            raise CheckInputError(
+                "no thresholds given; e.g. --min-lung-mass 0.5, --max artifact_occlusion_effect=0.1, --policy FILE or --baseline DIR"
+            )
+        result = run_check(out_dir, thresholds, all_models, baseline, regression,
+                           DEFAULT_TOLERANCE if tolerance is None else tolerance, policy=rules)
+        if junit is not None:
+            write_junit(junit, result, out_dir)
     except CheckInputError as error:
-        raise _fail(str(error)) from None
-    for model_id, metric in result.not_applicable:
-        console.print(f"[yellow]n/a[/] {model_id}: {metric} is not applicable (no artifact in view); counted as met", highlight=False)
+        raise bad_input(str(error)) from None
+    for outcome in result.outcomes:
+        if outcome.status == "skipped":
+            label = "n/a" if "not applicable" in outcome.message else "skip"
+            console.print(f"[yellow]{label}[/] {escape(outcome.model_id)}: {escape(outcome.rule)}: {escape(outcome.message)}",
+                          highlight=False, soft_wrap=True)
     for failure in result.failures:
-        console.print(f"[red]FAIL[/] {failure}", highlight=False, soft_wrap=True)
+        console.print(f"[red]FAIL[/] {escape(str(failure))}", highlight=False, soft_wrap=True)
     if result.passed:
         against = f", no regression from {baseline}" if baseline is not None else ""
-        console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {len(thresholds)} threshold(s){against}")
+        console.print(f"[green]PASS[/] {len(result.checked_models)} model(s), {result.n_rules} rule(s){against}; "
+                      f"run {result.run_id}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_OK)
     raise typer.Exit(EXIT_FAILED)
 
@@ -166,7 +229,7 @@ def data_check(
         result = inspect_dataset(root, dataset, None, max_side=max_side)
     except (DataError, UnknownNameError) as error:
         raise _fail(str(error)) from None
-    console.print(format_report(result))
+    _say(format_report(result))
 
 
 @masks_app.command("train")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import platform
 import shutil
 import time
@@ -39,11 +38,18 @@ from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
 from auditbench.models.backbones import FeatureBackbone, build_backbone
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.models.classifier import Classifier, Head
+from auditbench.outputs import (
+    PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, new_run_id, png_with_text, prepare_output, protocol_yaml,
+    write_json_atomic,
+)
 from auditbench.protocol.grid import ModelSpec, data_axes, expand_grid
 from auditbench.protocol.loader import dump_protocol
 from auditbench.protocol.names import check_registered_names
 from auditbench.protocol.schema import Protocol, TaskSpec
 from auditbench.report.overlays import overlay_png
+from auditbench.report.tables import (
+    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE, write_csv,
+)
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 from auditbench.training.device import Accelerator, select_accelerator
 from auditbench.training.features import CachedFeatures, extract_features
@@ -134,9 +140,12 @@ def stable_seed(*parts) -> int:
 
 
 class Runner:
-    def __init__(self, protocol: Protocol, out_dir: Path, base_dir: Path, console: Console | None = None):
+    def __init__(self, protocol: Protocol, out_dir: Path, base_dir: Path, console: Console | None = None,
+                 run_id: str | None = None):
         self.protocol = protocol
         self.out_dir = out_dir
+        self.run_id = run_id or new_run_id()
+        self.protocol_text, self.protocol_sha256 = protocol_yaml(dump_protocol(protocol), self.run_id)
         self.base_dir = base_dir
         self.console = console or Console(stderr=True)
         self.clock = StageClock()
@@ -449,38 +458,75 @@ class Runner:
 
     def run(self) -> dict:
         started = datetime.now(timezone.utc)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "protocol.resolved.yaml").write_text(dump_protocol(self.protocol), encoding="utf-8")
-        with self.clock.stage("data"):
-            task_data = self._task_data()
-        for _, _, data in task_data:
-            self.skipped.extend(s for s in data.skipped if s not in self.skipped)
-        self.n_images = sum(len(d.labels) for _, _, d in task_data)
-        folds_by_data = {
-            id(data): make_folds(data.labels, data.groups, self.protocol.training.folds, self.protocol.training.val_fraction, self.protocol.seed)
-            for _, _, data in task_data
-        }
         total = len(self.specs) * self.protocol.training.folds
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console) as progress:
-            bar = progress.add_task("training and auditing", total=total)
-            # Backbone and frame outermost: each sample's features are computed once for all tasks.
-            for backbone_key in dict.fromkeys((s.backbone, s.weights, s.crop) for s in self.specs):
-                cache = self._sample_cache(*backbone_key)
-                for task, axes, data in task_data:
-                    group = [s for s in self.specs if s.task.name == task.name and s.data_axes == axes
-                             and (s.backbone, s.weights, s.crop) == backbone_key]
-                    if not group:
-                        continue
-                    progress.update(bar, description=f"features {group[0].backbone} crop={group[0].crop}")
-                    inputs = self._group_inputs(group, data, cache)
-                    for spec in group:
-                        for fold in folds_by_data[id(data)]:
-                            progress.update(bar, description=f"{spec.model_id} fold {fold.index}")
-                            self._train_and_evaluate(spec, inputs, data, fold)
-                            progress.advance(bar)
-                        self._write_gallery(spec)
-        return self._finish(started)
+        done = 0
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "protocol.resolved.yaml").write_text(self.protocol_text, encoding="utf-8")
+            with self.clock.stage("data"):
+                task_data = self._task_data()
+            for _, _, data in task_data:
+                self.skipped.extend(s for s in data.skipped if s not in self.skipped)
+                self.notes.extend(n for n in data.notes if n not in self.notes)
+            self.n_images = sum(len(d.labels) for _, _, d in task_data)
+            folds_by_data = {
+                id(data): make_folds(data.labels, data.groups, self.protocol.training.folds, self.protocol.training.val_fraction, self.protocol.seed)
+                for _, _, data in task_data
+            }
+            # A terminal gets the live bar; a log (CI, a pipe) one plain line per finished model x fold.
+            plain = not self.console.is_terminal
+            clock = lambda seconds: f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"  # noqa: E731
+            loop_start = time.perf_counter()
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=self.console, disable=plain) as progress:
+                bar = progress.add_task("training and auditing", total=total)
+                # Backbone and frame outermost: each sample's features are computed once for all tasks.
+                for backbone_key in dict.fromkeys((s.backbone, s.weights, s.crop) for s in self.specs):
+                    cache = self._sample_cache(*backbone_key)
+                    for task, axes, data in task_data:
+                        group = [s for s in self.specs if s.task.name == task.name and s.data_axes == axes
+                                 and (s.backbone, s.weights, s.crop) == backbone_key]
+                        if not group:
+                            continue
+                        progress.update(bar, description=f"features {group[0].backbone} crop={group[0].crop}")
+                        inputs = self._group_inputs(group, data, cache)
+                        for spec in group:
+                            for fold in folds_by_data[id(data)]:
+                                progress.update(bar, description=f"{spec.model_id} fold {fold.index}")
+                                step_start = time.perf_counter()
+                                self._train_and_evaluate(spec, inputs, data, fold)
+                                progress.advance(bar)
+                                done += 1
+                                if plain:
+                                    now = time.perf_counter()
+                                    eta = (now - loop_start) / done * (total - done)
+                                    self.console.print(
+                                        f"[{done}/{total}] {spec.model_id} fold {fold.index} done in {now - step_start:.1f} s; "
+                                        f"elapsed {clock((datetime.now(timezone.utc) - started).total_seconds())}, ETA {clock(eta)}",
+                                        markup=False, highlight=False, soft_wrap=True,
+                                    )
+                            self._write_gallery(spec)
+            return self._finish(started)
+        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to rerun; exit 130 (128 + SIGINT)
+            import shlex
+            import sys
+
+            try:
+                from auditbench.outputs import PARTIAL_MARKER
+            except ImportError:
+                PARTIAL_MARKER = None
+            if PARTIAL_MARKER and (self.out_dir / PARTIAL_MARKER).exists():  # a staging folder, removed on exit
+                kept = "nothing of this run is kept (outputs appear only when a run completes); the output folder is as it was"
+            else:
+                entries = [f"{p.name}/ ({sum(1 for _ in p.iterdir())} entries)" if p.is_dir() else p.name
+                           for p in (sorted(self.out_dir.iterdir()) if self.out_dir.is_dir() else [])]
+                kept = f"kept in {self.out_dir}: {', '.join(entries) or 'nothing'} (result tables only if listed)"
+            command = shlex.join(["auditbench", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] else "the same auditbench run command"
+            self.console.print(
+                f"interrupted after {done} of {total} model x fold runs; {kept}. A run does not resume: to rerun it, {command}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+            raise SystemExit(130) from None
 
     def _train_and_evaluate(self, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> None:
         model = self._train(spec, inputs, data, fold)
@@ -507,6 +553,7 @@ class Runner:
             "model_id": spec.model_id, "weights": spec.weights, "finetune": spec.finetune, "augment": spec.augment,
             "task": spec.task.model_dump(), "classes": spec.task.class_names, "positive_class": spec.task.positive,
             "fold": 0, "data_axes": spec.data_axes, "protocol": self.protocol.name, "seed": self.protocol.seed,
+            **self.provenance,
             "preprocessing": {
                 "input_size": inputs.frame.input_size, "crop": inputs.frame.crop, "crop_ratio": inputs.frame.crop_ratio,
                 "interpolation": inputs.frame.interpolation, "mean": list(inputs.mean), "std": list(inputs.std),
@@ -519,7 +566,8 @@ class Runner:
         folder.mkdir(exist_ok=True)
         for kind, candidate in self.gallery.pop(spec.model_id, {}).items():
             file = f"{_safe_name(spec.model_id)}__{kind}.png"
-            (folder / file).write_bytes(overlay_png(candidate.image, candidate.heatmap, candidate.lung, candidate.artifact))
+            png = overlay_png(candidate.image, candidate.heatmap, candidate.lung, candidate.artifact)
+            (folder / file).write_bytes(png_with_text(png, {PNG_RUN_KEY: self.run_id, PNG_PROTOCOL_KEY: self.protocol_sha256}))
             self._gallery_rows.append({
                 "model_id": spec.model_id, "sample_id": candidate.sample.sample_id, "fold": candidate.fold, "kind": kind,
                 "lung_mass": candidate.lung_mass, "p_positive": candidate.p_positive, "label": candidate.label, "file": f"gallery/{file}",
@@ -544,25 +592,32 @@ class Runner:
             self.notes.extend(external_findings(results, models))
             self.notes.extend(runner_up_comparison(models, images, self.protocol))
         with self.clock.stage("report"):
-            results.to_csv(self.out_dir / "results.csv", index=False)
-            models.to_csv(self.out_dir / "models.csv", index=False)
-            images.to_csv(self.out_dir / "images.csv", index=False)
-            pd.DataFrame(self._gallery_rows, columns=["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]).to_csv(
-                self.out_dir / "gallery.csv", index=False
-            )
-            pd.DataFrame([vars(s) for s in self.skipped], columns=["path", "reason", "source"]).to_csv(self.out_dir / "skipped.csv", index=False)
+            # Every CSV through the one writer: text cells neutralised, run id and protocol hash per row.
+            write_csv(results, self.out_dir / RESULTS_FILE, self.provenance)
+            write_csv(models, self.out_dir / MODELS_FILE, self.provenance)
+            write_csv(images, self.out_dir / IMAGES_FILE, self.provenance)
+            write_csv(pd.DataFrame(self._gallery_rows, columns=["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]),
+                      self.out_dir / GALLERY_FILE, self.provenance)
+            write_csv(pd.DataFrame([vars(s) for s in self.skipped], columns=["path", "reason", "source"]),
+                      self.out_dir / SKIPPED_FILE, self.provenance)
             if validation is not None:
-                validation.to_csv(self.out_dir / "validation.csv", index=False)
+                write_csv(validation, self.out_dir / VALIDATION_FILE, self.provenance)
             self._prune_models(selected_id)
             summary = self._summary(started, selected_id, rule)
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+            write_json_atomic(self.out_dir / SUMMARY_FILE, summary)  # the report reads it
             if self.protocol.report.html:
                 from auditbench.report.html import render_report
 
                 render_report(self.out_dir)
         summary["stage_seconds"] = {k: round(v, 2) for k, v in self.clock.seconds.items()}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        summary["manifest"] = build_manifest(self.out_dir)  # every file but summary.json, with its sha256
+        write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
         return summary
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """What every output carries: this run's id and the sha256 of its resolved protocol."""
+        return {"run_id": self.run_id, "protocol_sha256": self.protocol_sha256}
 
     def _validation(self, models: pd.DataFrame) -> pd.DataFrame | None:
         """Known-answer check of the audit itself (synthetic data): does each metric tell the models
@@ -584,11 +639,14 @@ class Runner:
                                  n_boot=self.protocol.validation.bootstrap, seed=self.protocol.seed)
 
     def _prune_models(self, selected_id: str | None) -> None:
+        """save_models: selected: the checkpoints this run saved of the models not selected go.
+        Only those: nothing else in models/ is touched."""
         folder = self.out_dir / "models"
         if self.protocol.report.save_models != "selected" or not folder.exists():
             return
-        for path in folder.iterdir():
-            if path.name != selected_id:
+        for spec in self.specs:
+            path = folder / spec.model_id
+            if spec.model_id != selected_id and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
 
     def _summary(self, started: datetime, selected_id: str | None, rule: SelectionRule) -> dict:
@@ -612,6 +670,8 @@ class Runner:
         self.notes.append("Checkpoints are the models trained on fold 0; metrics are over all folds.")
         return {
             "name": self.protocol.name,
+            "run_id": self.run_id,
+            "protocol_sha256": self.protocol_sha256,
             "seed": self.protocol.seed,
             "selected_model": selected_id,
             "selection": {
@@ -791,6 +851,21 @@ def runner_up_comparison(models: pd.DataFrame, images: pd.DataFrame, protocol: P
     ]
 
 
-def run_protocol(protocol: Protocol, out_dir: Path, base_dir: Path | None = None, console: Console | None = None) -> dict:
-    """Run a validated protocol and write every output into ``out_dir`` (docs/tables.md)."""
-    return Runner(protocol, Path(out_dir), Path(base_dir or Path.cwd()), console).run()
+def run_protocol(protocol: Protocol, out_dir: Path, base_dir: Path | None = None, console: Console | None = None,
+                 overwrite: bool = False, make_parents: bool = False) -> dict:
+    """Run a validated protocol and write every output into ``out_dir`` (docs/tables.md).
+
+    The run writes into a staging folder beside ``out_dir`` and moves it into place when complete
+    (``auditbench.outputs``); an existing ``out_dir`` must be empty or an earlier run, unless
+    ``overwrite`` (which still deletes no file auditbench did not write). Raises
+    :class:`auditbench.outputs.OutputError` when ``out_dir`` cannot be used."""
+    console = console or Console(stderr=True)
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    with prepare_output(out_dir, overwrite=overwrite, say=say, make_parents=make_parents) as target:
+        runner = Runner(protocol, target.staging, Path(base_dir or Path.cwd()), console, run_id=target.run_id)
+        summary = runner.run()
+        target.commit({spec.model_id for spec in runner.specs})
+    return summary

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from auditbench.cli import app
+from auditbench.outputs import seal
 from conftest import REPO
 
 runner = CliRunner()
@@ -34,7 +35,9 @@ def test_run_writes_outputs_and_is_deterministic(tiny_run, tmp_path):
     result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(again)])
     assert result.exit_code == 0, result.output
     first, second = pd.read_csv(tiny_run / "results.csv"), pd.read_csv(again / "results.csv")
-    pd.testing.assert_frame_equal(first, second)
+    assert first["run_id"].nunique() == 1 and first["run_id"].iloc[0] != second["run_id"].iloc[0]
+    assert first["protocol_sha256"].equals(second["protocol_sha256"])  # same protocol
+    pd.testing.assert_frame_equal(first.drop(columns="run_id"), second.drop(columns="run_id"))
     assert len(list((tiny_run / "models").iterdir())) == 4  # save_models: all
 
 
@@ -131,6 +134,9 @@ def test_check_against_a_baseline_fails_on_regression(tiny_run, tmp_path):
     models.loc[selected, "accuracy_mean"] -= 0.2  # higher is better: a drop of 0.2 > tolerance 0.05
     models.loc[selected, "border_occlusion_effect_mean"] += 0.01  # lower is better: worse, within tolerance
     models.to_csv(worse / "models.csv", index=False)
+    unsealed = runner.invoke(app, ["check", str(worse), "--baseline", str(tiny_run)])
+    assert unsealed.exit_code == 2 and "models.csv: sha256 differs" in unsealed.output  # edited after the run
+    seal(worse)  # accept the edit: the test is about the regression rule
 
     same = runner.invoke(app, ["check", str(tiny_run), "--baseline", str(tiny_run)])
     assert same.exit_code == 0, same.output

@@ -42,7 +42,7 @@ def test_outputs_exist_with_their_columns(known_answer_run):
         assert (out / name).is_file(), name
     results = pd.read_csv(out / "results.csv")
     axes = ["shortcut_strength", "artifact_placement", "data_seed"]
-    assert list(results.columns) == GRID_COLUMNS + axes + ["split", "fold", "metric", "value"]
+    assert list(results.columns) == GRID_COLUMNS + axes + ["split", "fold", "metric", "value", "run_id", "protocol_sha256"]
     assert set(results["split"]) == {"internal", "train_distribution"}
     images = pd.read_csv(out / "images.csv")
     assert set(IMAGE_COLUMNS) <= set(images.columns)

@@ -99,6 +99,8 @@ def _run_info(tables: ResultTables) -> dict[str, Any]:
         "device": _text(s.get("device", "")),
         "date": _text(s.get("finished") or s.get("started") or ""),
         "version": _text(s.get("auditbench_version", "")),
+        "run_id": _text(s.get("run_id", "")),
+        "protocol_sha256": _text(s.get("protocol_sha256", "")),
         "n_models": len(tables.models),
         "n_images": s.get("n_images", tables.images["sample_id"].nunique()),
         "n_skipped": len(tables.skipped),

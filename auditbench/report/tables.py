@@ -38,10 +38,13 @@ VALIDATION_COLUMNS = [
 SKIPPED_COLUMNS = ["path", "reason", "source"]
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]
 
+PROVENANCE_COLUMNS = ["run_id", "protocol_sha256"]
+"""Last two columns of every CSV a run writes: which run wrote the row, from which resolved protocol."""
+
 SUMMARY_KEYS = [
-    "name", "seed", "selected_model", "selection", "metric_directions", "n_models", "n_images",
+    "name", "run_id", "protocol_sha256", "seed", "selected_model", "selection", "metric_directions", "n_models", "n_images",
     "n_skipped", "warnings", "notes", "cam_layers", "device", "package_versions", "stage_seconds",
-    "started", "finished", "auditbench_version",
+    "started", "finished", "auditbench_version", "manifest",
 ]
 
 INTERNAL_SPLIT = "internal"
@@ -61,7 +64,7 @@ GALLERY_DIR = "gallery"
 _TEXT_COLUMNS = {
     "model_id", "backbone", "weights", "task", "split", "metric", "sample_id", "source", "patient_id",
     "path", "label", "mask_source", "violations", "not_applicable", "kind", "file", "reason", "unverified",
-    "artifact_status", "frame", "cam_layer", "artifact_placement",
+    "artifact_status", "frame", "cam_layer", "artifact_placement", *PROVENANCE_COLUMNS,
 }
 _BOOL_COLUMNS = {
     "finetune", "augment", "crop", "selected", "meets_constraints", "pareto", "correct",
@@ -79,8 +82,50 @@ _FILES: dict[str, tuple[list[str], bool]] = {
 }
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection")."""
+_QUOTE = "'"
+
+
 class ResultsError(ValueError):
     """A run's output folder lacks a required file, or a file is unreadable or malformed."""
+
+
+def neutralise_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with a single quote (OWASP).
+
+    Only ``str`` values change: numbers (a negative float too) stay numbers. A text cell that starts
+    with the quote itself is quoted as well, so :func:`restore_cell` gives back every text exactly."""
+    if isinstance(value, str) and value[:1] in (*FORMULA_PREFIXES, _QUOTE):
+        return _QUOTE + value
+    return value
+
+
+def restore_cell(value: Any) -> Any:
+    """The inverse of :func:`neutralise_cell` for cells read back from a CSV this package wrote."""
+    if isinstance(value, str) and value.startswith(_QUOTE):
+        return value[1:]
+    return value
+
+
+def _is_text(values: pd.Series) -> bool:
+    """Whether a column can hold text cells (object or a string dtype); numbers and booleans cannot."""
+    return values.dtype == object or isinstance(values.dtype, pd.StringDtype) or pd.api.types.is_string_dtype(values.dtype)
+
+
+def write_csv(frame: pd.DataFrame, path: Path | str, provenance: dict[str, str] | None = None) -> None:
+    """The one CSV writer of a run: every text cell (and column name) neutralised against formula
+    injection, and with ``provenance`` (``run_id``, ``protocol_sha256``) as the last columns."""
+    frame = frame.copy()
+    if provenance:
+        frame = frame.drop(columns=[c for c in PROVENANCE_COLUMNS if c in frame.columns])
+        for column in PROVENANCE_COLUMNS:
+            frame[column] = str(provenance.get(column, ""))
+    for column in frame.columns:
+        if _is_text(frame[column]):
+            frame[column] = frame[column].map(neutralise_cell).astype(object)
+    frame.columns = [neutralise_cell(str(c)) for c in frame.columns]
+    frame.to_csv(path, index=False)
 
 
 @dataclass
@@ -95,6 +140,9 @@ class ResultTables:
     gallery: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=GALLERY_COLUMNS))
     summary: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    provenance: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    """CSV file -> the (run_id, protocol_sha256) pairs of its rows; the columns themselves are
+    dropped from the frames. A file without provenance columns (an older run) is absent."""
 
     @property
     def grid_columns(self) -> list[str]:
@@ -127,6 +175,11 @@ def read_tables(out_dir: Path | str) -> ResultTables:
     if not out_dir.is_dir():
         raise ResultsError(f"results folder {out_dir} does not exist or is not a folder")
     frames = {name: _read_csv(out_dir / name, columns, optional) for name, (columns, optional) in _FILES.items()}
+    provenance = {}
+    for name, frame in frames.items():
+        if all(c in frame.columns for c in PROVENANCE_COLUMNS):
+            provenance[name] = set(zip(frame["run_id"].astype(str), frame["protocol_sha256"].astype(str)))
+            frames[name] = frame.drop(columns=PROVENANCE_COLUMNS)
     models = frames[MODELS_FILE]
     if models.empty:
         raise ResultsError(f"{out_dir / MODELS_FILE} has no models")
@@ -142,11 +195,15 @@ def read_tables(out_dir: Path | str) -> ResultTables:
         gallery=frames[GALLERY_FILE],
         summary=_read_summary(out_dir / SUMMARY_FILE),
         out_dir=out_dir,
+        provenance=provenance,
     )
 
 
 def write_tables(tables: ResultTables, out_dir: Path | str) -> None:
-    """Write every table and summary.json to ``out_dir`` (created); empty tables keep their header."""
+    """Write every table and summary.json to ``out_dir`` (created); empty tables keep their header.
+
+    Where ``tables.summary`` holds ``run_id`` and ``protocol_sha256``, every CSV carries them as its
+    last columns, as a run writes them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
@@ -157,8 +214,9 @@ def write_tables(tables: ResultTables, out_dir: Path | str) -> None:
         SKIPPED_FILE: tables.skipped,
         GALLERY_FILE: tables.gallery,
     }
+    provenance = {c: tables.summary[c] for c in PROVENANCE_COLUMNS if tables.summary.get(c)}
     for name, frame in frames.items():
-        frame.to_csv(out_dir / name, index=False)
+        write_csv(frame, out_dir / name, provenance if len(provenance) == len(PROVENANCE_COLUMNS) else None)
     text = json.dumps(_json_safe(tables.summary), indent=2, allow_nan=False)
     (out_dir / SUMMARY_FILE).write_text(text + "\n", encoding="utf-8")
 
@@ -186,11 +244,15 @@ def _read_csv(path: Path, required: list[str], optional: bool) -> pd.DataFrame:
             return pd.DataFrame(columns=required)
         raise ResultsError(f"missing results file {path}")
     try:
-        header = pd.read_csv(path, nrows=0).columns
+        raw = pd.read_csv(path, nrows=0).columns
+        names = {c: restore_cell(c) for c in raw}  # column names are neutralised like cells
         # Default NA parsing only for non-text columns; text columns keep "", "NA", "None" as written.
-        na_values = {c: ["", "nan", "NaN", "NA", "N/A", "null"] for c in header if c not in _TEXT_COLUMNS}
-        dtype = {c: str for c in header if c in _TEXT_COLUMNS}
-        frame = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values)
+        na_values = {c: ["", "nan", "NaN", "NA", "N/A", "null"] for c in raw if names[c] not in _TEXT_COLUMNS}
+        dtype = {c: str for c in raw if names[c] in _TEXT_COLUMNS}
+        frame = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values).rename(columns=names)
+        for column in frame.columns:
+            if _is_text(frame[column]):
+                frame[column] = frame[column].map(restore_cell)
     except pd.errors.EmptyDataError:
         if optional:
             return pd.DataFrame(columns=required)
