@@ -1,6 +1,7 @@
 """`auditbench run`: protocol -> data -> training -> Grad-CAM -> audit metrics -> selection -> report."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import platform
@@ -28,13 +29,14 @@ from auditbench.audit.occlusion import OCCLUSION_REGIONS, OccludedImages, effect
 from auditbench.audit.validation import metric_validation
 from auditbench.data.augment import AugmentConfig, augment_frames, augmented_copy, copies_to_make
 from auditbench.data.prepare import (
-    ARTIFACT_ABSENT, ARTIFACT_OUT_OF_VIEW, Frames, TaskData, fill_missing_masks, load_sources, real_task_data,
+    ARTIFACT_ABSENT, Frames, TaskData, fill_missing_masks, load_sources, real_task_data,
     synthetic_task_data, to_frames,
 )
 from auditbench.data.records import Sample, content_key
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
-from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
+from auditbench.explain.cam_base import explain_batch, resolve_method
+from auditbench.explain.gradcam import upsample_cams
 from auditbench.models.backbones import FeatureBackbone, build_backbone
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.models.classifier import Classifier, Head
@@ -166,7 +168,7 @@ class Runner:
         self._augmented: dict[int, tuple[Sample, Sample]] = {}
         self._backbones: dict[tuple[str, str], FeatureBackbone] = {}
         check_registered_names(protocol)
-        self.cam = CAM_METHODS.get(protocol.explain.method)
+        self.cam = resolve_method(protocol.explain.method)
 
     # ----- data -------------------------------------------------------------------------------
 
@@ -299,32 +301,33 @@ class Runner:
         head = model.classifier.head.to(device).eval()
         size = frames.images.shape[-2:]
         probabilities, heatmaps, map_side = [], [], 0
+        # Images are normalised only where needed: a frozen model explained at "last" by a feature-level
+        # method runs its head on the cached map alone.
+        needs_images = self.cam.needs_input or explain.layer != "last"
+        backbone = model.classifier.backbone.to(device).eval()
         for start in range(0, len(frames), explain.batch_size):
-            if explain.layer == "last" and model.frozen and maps is not None:
-                feature_map = maps[start : start + explain.batch_size].to(device)
+            batch = slice(start, start + explain.batch_size)
+            cached = model.frozen and maps is not None
+            x = normalise(frames.images[batch], inputs.mean, inputs.std).to(device) if needs_images or not cached else None
+            if cached:
+                feature_map = maps[batch].to(device)
             else:
-                x = normalise(frames.images[start : start + explain.batch_size], inputs.mean, inputs.std).to(device)
-                backbone = model.classifier.backbone.to(device).eval()
-                if explain.layer != "last":
-                    with self.accelerator.autocast():
-                        cams, _ = layer_gradcam(backbone, head, x, self._target, explain.layer, explain.score)
                 with torch.no_grad(), self.accelerator.autocast():
                     feature_map = backbone(x)
                 feature_map = feature_map.float()
             with torch.no_grad():
                 logits = head(feature_map)
             target = 1 if explain.target == "positive" else logits.argmax(dim=1)
-            if explain.layer == "last":
-                cams = self.cam(head, feature_map, target, score=explain.score)
+            # Backbone passes (finer levels, input-level methods) under the run's precision; a head-only
+            # map stays in fp32 (small weights times activations underflow in fp16).
+            with self.accelerator.autocast() if needs_images else contextlib.nullcontext():
+                cams = explain_batch(self.cam, backbone, head, x, feature_map, target, explain.score, explain.layer,
+                                     batch_size=explain.batch_size)
             cams = cams.float()
             map_side = cams.shape[-1]
             probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
             heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
         return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy(), map_side
-
-    @property
-    def _target(self):
-        return 1 if self.protocol.explain.target == "positive" else "predicted"
 
     def _probability_fn(self, model: ModelFold, inputs: GroupInputs):
         """p(positive) of images, the same precision path as :meth:`_predict_and_explain`."""

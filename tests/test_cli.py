@@ -150,3 +150,22 @@ def test_check_against_a_baseline_fails_on_regression(tiny_run, tmp_path):
     assert strict.exit_code == 1 and "border_occlusion_effect" in strict.output
     missing = runner.invoke(app, ["check", str(worse), "--baseline", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
+
+
+@pytest.mark.parametrize("method, layer", [("inputxgradient", "last"), ("hirescam", "stride16"), ("eigencam", "last")])
+def test_run_explains_with_any_registered_method(tmp_path, method, layer):
+    """Input-level (InputXGradient; Score-CAM takes the same path), gradient (HiResCAM at a finer level) and gradient-free (EigenCAM)
+    methods all go through the run, for frozen and fine-tuned models, and give finite maps."""
+    args = ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(tmp_path / "out"),
+            "--set", f"explain.method={method}", "--set", f"explain.layer={layer}",
+            "--set", "data.synthetic.shortcut_strength=[1]", "--set", "report.save_models=none",
+            "--set", "explain.batch_size=64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    models = pd.read_csv(tmp_path / "out" / "models.csv")
+    assert len(models) == 2 and set(models["cam_layer"]) == {layer}
+    # stride 16 at 64 px is a 4x4 map, "last" (stride 32) 2x2; InputXGradient is per pixel (64x64, stride 1)
+    expected = {"inputxgradient": (64, 1), "hirescam": (4, 16), "eigencam": (2, 32)}[method]
+    assert set(zip(models["cam_map_size"], models["cam_stride"])) == {expected}
+    images = pd.read_csv(tmp_path / "out" / "images.csv")
+    assert images["lung_mass"].notna().any() and images["lung_mass"].dropna().between(0, 1).all()
