@@ -661,7 +661,11 @@ class Runner:
                 "other reason (no mask, blank maps) the model is unverified and ranks below verified models."
             )
         if self.skipped:
-            self.notes.append(f"{len(self.skipped)} files could not be read and were skipped (skipped.csv).")
+            duplicates = sum(str(item.reason).startswith("duplicate") for item in self.skipped)
+            self.notes.append(
+                f"{len(self.skipped)} entries in skipped.csv, each with its reason: {duplicates} repeated images kept "
+                f"once, {len(self.skipped) - duplicates} unreadable or blank images or unusable masks."
+            )
         causes = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
                   "empty_lung_mask": "lung masks were empty"}
         for (split, cause), count in sorted(self.undefined_heatmaps.items()):
