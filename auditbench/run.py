@@ -5,7 +5,9 @@ import contextlib
 import copy
 import itertools
 import platform
+import shlex
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -41,8 +43,8 @@ from auditbench.models.backbones import FeatureBackbone, build_backbone
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.models.classifier import Classifier, Head
 from auditbench.outputs import (
-    PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, new_run_id, png_with_text, prepare_output, protocol_yaml,
-    write_json_atomic,
+    PARTIAL_MARKER, PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, new_run_id, png_with_text, prepare_output,
+    protocol_yaml, write_json_atomic,
 )
 from auditbench.protocol.grid import ModelSpec, data_axes, expand_grid
 from auditbench.protocol.loader import dump_protocol
@@ -511,14 +513,7 @@ class Runner:
                             self._write_gallery(spec)
             return self._finish(started)
         except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to rerun; exit 130 (128 + SIGINT)
-            import shlex
-            import sys
-
-            try:
-                from auditbench.outputs import PARTIAL_MARKER
-            except ImportError:
-                PARTIAL_MARKER = None
-            if PARTIAL_MARKER and (self.out_dir / PARTIAL_MARKER).exists():  # a staging folder, removed on exit
+            if (self.out_dir / PARTIAL_MARKER).exists():  # a staging folder, removed on exit
                 kept = "nothing of this run is kept (outputs appear only when a run completes); the output folder is as it was"
             else:
                 entries = [f"{p.name}/ ({sum(1 for _ in p.iterdir())} entries)" if p.is_dir() else p.name
