@@ -111,12 +111,13 @@ def run(
         raise _fail(str(error)) from None
     except OSError as error:  # a full disk, a folder gone: nothing of --out was changed
         raise _fail(f"cannot write the run's outputs: {error}; {out_dir} was left as it was") from None
-    selected = summary["selected_model"] or "[bold red]none: no model meets the selection constraints[/]"
-    console.print(f"selected model: {selected}")
+    selected = escape(summary["selected_model"]) if summary["selected_model"] else \
+        "[bold red]none: no model meets the selection constraints[/]"
+    console.print(f"selected model: {selected}", highlight=False)
     for note in summary["notes"]:
         if note.startswith("Test set"):  # external findings: the ones a reader must not miss
-            console.print(note, highlight=False, soft_wrap=True)
-    console.print(f"report: {out_dir / 'report.html'}")
+            _say(note)
+    _say(f"report: {out_dir / 'report.html'}")
     console.print(f"time per stage (s): {summary['stage_seconds']}", highlight=False)
 
 
@@ -267,6 +268,7 @@ def masks_predict(
     from auditbench.data.records import DataError
     from auditbench.masks.lungseg import LungSegmenter
     from auditbench.registry import UnknownNameError
+    from auditbench.report.tables import write_csv
 
     try:
         loaded = DATASETS.get(dataset).load(root, {}, max_side)
@@ -279,5 +281,5 @@ def masks_predict(
         file = "".join(c if c.isalnum() or c in "._-" else "_" for c in sample.sample_id) + ".png"
         Image.fromarray(mask.astype("uint8") * 255).save(out / file)
         rows.append({"sample_id": sample.sample_id, "path": sample.path, "lung_mask": file, "label": sample.label})
-    pd.DataFrame(rows).to_csv(out / "masks.csv", index=False)
-    console.print(f"wrote {len(rows)} masks to {out} ({len(loaded.skipped)} unreadable files skipped)")
+    write_csv(pd.DataFrame(rows), out / "masks.csv")  # paths and ids come from data: neutralised
+    _say(f"wrote {len(rows)} masks to {out} ({len(loaded.skipped)} unreadable files skipped)")

@@ -462,3 +462,29 @@ def test_cli_refuses_a_second_process_on_the_same_out(tmp_path):
         holder.stdin.close()
         holder.wait(timeout=30)
     assert not (tmp_path / ".out.lock").exists()
+
+
+def test_masks_predict_neutralises_data_cells_in_masks_csv(tmp_path):
+    """masks.csv goes through the one CSV writer: a cell from data that a spreadsheet would run
+    (here a label) is written with a leading quote; the other cells are written as they are."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from auditbench.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ramp = (np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)
+    for name, image in (("a.png", ramp), ("b.png", ramp[::-1].copy())):  # different pixels
+        Image.fromarray(image).save(data / name)
+    (data / "manifest.csv").write_text(f'path,label\na.png,"{INJECTION.replace(chr(34), chr(34) * 2)}"\nb.png,normal\n',
+                                       encoding="utf-8")
+    out = tmp_path / "masks"
+    result = runner.invoke(app, ["masks", "predict", str(data), "--dataset", "manifest", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "masks.csv", newline="", encoding="utf-8") as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert rows["a.png"]["label"] == "'" + INJECTION
+    assert rows["b.png"]["label"] == "normal"
