@@ -7,6 +7,7 @@ import itertools
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -34,7 +35,7 @@ from auditbench.data.prepare import (
     ARTIFACT_ABSENT, Frames, TaskData, fill_missing_masks, load_sources, real_task_data,
     synthetic_task_data, to_frames,
 )
-from auditbench.data.records import Sample, content_key
+from auditbench.data.records import Sample, content_key, data_fingerprint
 from auditbench.data.splits import Fold, make_folds
 from auditbench.data.transforms import FrameSpec, normalise
 from auditbench.explain.cam_base import explain_batch, resolve_method
@@ -166,6 +167,7 @@ class Runner:
         self.cam_geometry: dict[str, dict] = {}
         self.skipped = []
         self.n_images = 0
+        self.data_fingerprint = ""
         self._gallery_rows: list[dict] = []
         self._augmented: dict[int, tuple[Sample, Sample]] = {}
         self._backbones: dict[tuple[str, str], FeatureBackbone] = {}
@@ -474,6 +476,11 @@ class Runner:
                 self.skipped.extend(s for s in data.skipped if s not in self.skipped)
                 self.notes.extend(n for n in data.notes if n not in self.notes)
             self.n_images = sum(len(d.labels) for _, _, d in task_data)
+            self.data_fingerprint = data_fingerprint([
+                sample for _, _, d in task_data
+                for view in (d.train_view, d.test_view, d.clean_view or [], *(s for s, _ in d.external.values()))
+                for sample in view
+            ])
             folds_by_data = {
                 id(data): make_folds(data.labels, data.groups, self.protocol.training.folds, self.protocol.training.val_fraction, self.protocol.seed)
                 for _, _, data in task_data
@@ -674,6 +681,8 @@ class Runner:
             "name": self.protocol.name,
             "run_id": self.run_id,
             "protocol_sha256": self.protocol_sha256,
+            "data_fingerprint": self.data_fingerprint,
+            "git_commit": _git_commit(),
             "seed": self.protocol.seed,
             "selected_model": selected_id,
             "selection": {
@@ -799,6 +808,24 @@ def frame_name(frame: FrameSpec) -> str:
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _git_commit() -> str | None:
+    """The commit of the auditbench checkout that ran (``+dirty`` with uncommitted changes), or None
+    where auditbench is not a git checkout (an installed wheel) or git is absent."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        lines = head.stdout.split()
+        # Only auditbench's own checkout: an installed package can sit inside somebody else's repository.
+        if head.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != here.parent:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lines[1] + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _versions() -> dict[str, str]:

@@ -1,4 +1,6 @@
 """The command line through typer's runner, on a tiny run that takes seconds."""
+import json
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -39,6 +41,10 @@ def test_run_writes_outputs_and_is_deterministic(tiny_run, tmp_path):
     assert first["protocol_sha256"].equals(second["protocol_sha256"])  # same protocol
     pd.testing.assert_frame_equal(first.drop(columns="run_id"), second.drop(columns="run_id"))
     assert len(list((tiny_run / "models").iterdir())) == 4  # save_models: all
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (tiny_run, again)]
+    assert summaries[0]["data_fingerprint"] == summaries[1]["data_fingerprint"]  # same images
+    assert len(summaries[0]["data_fingerprint"]) == 32
+    assert "git_commit" in summaries[0]  # the checkout's commit, or null outside a git checkout
 
 
 def test_validate_prints_the_grid():

@@ -110,3 +110,18 @@ def test_sample_cache_runs_the_backbone_once_per_distinct_image(tmp_path, monkey
     edited = [dataclasses.replace(view[0], image=view[0].image * 0.5)] + same_images[1:]
     frames, features, _ = cache.get(edited, keep_maps=False, occlusion=False)
     assert passes == [6, 1] and features.pooled.shape[0] == 6
+
+
+def test_data_fingerprint_ignores_order_and_repeats_but_not_pixels():
+    import dataclasses
+
+    import numpy as np
+
+    from auditbench.data.records import Sample, data_fingerprint
+
+    images = [np.full((4, 4), v, np.float32) for v in (0.1, 0.2)]
+    a, b = (Sample(f"s{i}", image, "covid", f"p{i}", "synthetic") for i, image in enumerate(images))
+    assert data_fingerprint([a, b]) == data_fingerprint([b, a, a])
+    changed = dataclasses.replace(b, image=images[1] + 1e-6)
+    assert data_fingerprint([a, changed]) != data_fingerprint([a, b])
+    assert data_fingerprint([a]) != data_fingerprint([a, b])

@@ -84,3 +84,12 @@ def content_key(sample: Sample) -> str:
         digest.update(f"|{array.dtype.str}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).view(np.uint8).data)
     return digest.hexdigest()
+
+
+def data_fingerprint(samples: list[Sample]) -> str:
+    """One hash of a run's images: the sorted distinct :func:`content_key` of every sample, so two
+    runs on the same images and masks (in any order) share it, and any changed pixel changes it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted({content_key(sample) for sample in samples}):
+        digest.update(key.encode())
+    return digest.hexdigest()
