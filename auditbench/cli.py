@@ -46,7 +46,7 @@ def _load(protocol: Path, overrides: list[str], weights: str = "error"):
     ``weights="warn"`` only prints those."""
     from auditbench.protocol.grid import expand_grid
     from auditbench.protocol.loader import ProtocolError, load_protocol
-    from auditbench.protocol.names import backbone_weights_errors, check_registered_names
+    from auditbench.pipeline.names import backbone_weights_errors, check_registered_names
     from auditbench.registry import UnknownNameError
 
     try:
@@ -92,22 +92,35 @@ def run(
         False, "--overwrite",
         help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
     ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Folder of backbone passes (features, maps, occluded copies) shared by runs: a run on "
+        "the same images and backbone reads them instead of running the backbone.",
+    ),
+    restart: bool = typer.Option(
+        False, "--restart", help="Do not resume an interrupted run of this protocol on --out; start over.",
+    ),
+    executor: str = typer.Option("local", "--executor", help="Where cells run: local, or ray (pip install auditbench[ray])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default: a local Ray)."),
 ) -> None:
     """Train the grid, explain, audit, rank and write CSV, JSON and HTML reports.
 
     The run writes beside --out and moves its folder into place when complete; an earlier run in
-    --out is replaced only then. A second run on the same --out is refused while one is running."""
+    --out is replaced only then. A second run on the same --out is refused while one is running.
+    A run that stopped before its end (Ctrl-C, a crash, a killed process) resumes when the same
+    command is run again: its finished model x fold cells are reused."""
     from auditbench.data.records import DataError
     from auditbench.models.backbones import WeightsFileError, WeightsUnavailableError
     from auditbench.outputs import OutputError
     from auditbench.registry import UnknownNameError
+    from auditbench.pipeline.executors import ExecutorError
     from auditbench.run import run_protocol
 
     resolved = _load(protocol, overrides)
     out_dir = out or Path("reports") / resolved.name
     try:
-        summary = run_protocol(resolved, out_dir, Path.cwd(), err_console, overwrite=overwrite, make_parents=out is None)
-    except (DataError, WeightsUnavailableError, WeightsFileError, UnknownNameError, OutputError) as error:
+        summary = run_protocol(resolved, out_dir, Path.cwd(), err_console, overwrite=overwrite, make_parents=out is None,
+                               cache_dir=cache, executor=executor, ray_address=ray_address, restart=restart)
+    except (DataError, WeightsUnavailableError, WeightsFileError, UnknownNameError, OutputError, ExecutorError) as error:
         raise _fail(str(error)) from None
     except OSError as error:  # a full disk, a folder gone: nothing of --out was changed
         raise _fail(f"cannot write the run's outputs: {error}; {out_dir} was left as it was") from None

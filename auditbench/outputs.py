@@ -433,6 +433,8 @@ class OutputTarget:
     committed: bool = False
     moving: bool = False
     kept: list[str] = field(default_factory=list)
+    resumed: bool = False  # staging is an interrupted run's folder, taken over with its run id
+    keep_staging: bool = False  # set by a run that stops with finished work to resume from
 
     def commit(self, model_ids: set[str]) -> None:
         """Move the finished staging folder to ``out``; then delete the replaced run's own files."""
@@ -607,44 +609,61 @@ def _previous_kind(out: Path, overwrite: bool) -> str:
                       "auditbench did not write are never deleted)")
 
 
-def _remove_stale_partials(out: Path, say: Say) -> None:
+def _stale_partials(out: Path, say: Say) -> list[Path]:
+    """Staging folders of runs on ``out`` that stopped before their end (their lock is free: we hold it)."""
     prefix = f".{out.name}.partial-"
+    stale = []
     for path in sorted(out.parent.iterdir()):
         if path.name.startswith(prefix) and path.is_dir() and not path.is_symlink():
             if (path / PARTIAL_MARKER).is_file():
-                say(f"removed {path}: the unfinished output of a run that stopped before its end")
-                shutil.rmtree(path, ignore_errors=True)
+                stale.append(path)
             else:
                 say(f"left {path} alone: it looks like an unfinished run but holds no auditbench marker")
+    return stale
+
+
+Resume = Callable[[Path], "str | None"]
+"""Given a stale staging folder, the run id to resume it under, or None (it is removed)."""
 
 
 @contextmanager
 def prepare_output(out: Path | str, overwrite: bool = False, say: Say | None = None, make_parents: bool = False,
-                   run_id: str | None = None) -> Iterator[OutputTarget]:
+                   run_id: str | None = None, resume: Resume | None = None) -> Iterator[OutputTarget]:
     """Check ``out``, take its lock and yield an :class:`OutputTarget` whose ``staging`` folder the
     run writes; the caller calls ``commit`` at the end. On any exception before that the staging
-    folder is removed and ``out`` is left exactly as it was.
+    folder is removed and ``out`` is left exactly as it was -- unless the run set ``keep_staging``
+    (finished work to resume from).
 
     ``out`` may be absent, empty or an earlier auditbench run; any other folder is refused
-    (:class:`OutputError`) unless ``overwrite``, and even then no file in it is deleted."""
+    (:class:`OutputError`) unless ``overwrite``, and even then no file in it is deleted. ``resume``
+    decides, for the staging folder of a run on ``out`` that stopped before its end, whether this
+    run takes it over (``resumed``); the others are removed."""
     say = say or (lambda text: print(text, file=sys.stderr))
     run_id = run_id or new_run_id()
     path = _resolve_out(out, make_parents)
     with locked(path, say, run_id):
         previous = _previous_kind(path, overwrite)
-        _remove_stale_partials(path, say)
-        staging = path.parent / f".{path.name}.partial-{run_id}"
+        staging, resumed = None, False
+        for stale in _stale_partials(path, say):
+            resumed_id = resume(stale) if resume is not None and staging is None else None
+            if resumed_id is not None:
+                staging, run_id, resumed = stale, resumed_id, True
+                continue
+            say(f"removed {stale}: the unfinished output of a run that stopped before its end")
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = staging or path.parent / f".{path.name}.partial-{run_id}"
         try:
-            staging.mkdir()
+            staging.mkdir(exist_ok=resumed)
             (staging / PARTIAL_MARKER).write_text(json.dumps({"run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
         except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not resumed:
+                shutil.rmtree(staging, ignore_errors=True)
             raise OutputError(f"cannot write in {path.parent}: {error.strerror or error}") from None
-        target = OutputTarget(path, staging, run_id, previous, say)
+        target = OutputTarget(path, staging, run_id, previous, say, resumed=resumed)
         try:
             yield target
         finally:
-            if not target.committed and not target.moving:
+            if not target.committed and not target.moving and not target.keep_staging:
                 shutil.rmtree(staging, ignore_errors=True)
 
 

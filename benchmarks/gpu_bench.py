@@ -12,7 +12,7 @@ run uses it: 224 px for VGG, 299 px for the others) and per memory layout, in im
   backbone pass over every image (the feature cache of a backbone x crop group);
 - ``predict``: :func:`auditbench.training.trainer.predict_logits`, what every p of a fine-tuned model goes
   through (validation loss each epoch, test images, occluded copies);
-- ``gradcam``: Grad-CAM of a fine-tuned model as ``Runner._predict_and_explain`` computes it (a frozen model's
+- ``gradcam``: Grad-CAM of a fine-tuned model as ``pipeline.predict.predict_and_explain`` computes it (a frozen model's
   maps at ``last`` come from the cached features and cost only the head): the backbone under the accelerator's
   autocast, then the protocol's CAM method (``CAM_METHODS``, ``gradcam_from_features``) on the fp32 map, or
   :func:`auditbench.explain.gradcam.layer_gradcam` at a finer ``explain.layer``, ``upsample_cams`` and the
@@ -146,7 +146,7 @@ def time_call(run: Callable[[], object], warmup: Callable[[], object] | None, im
 def explain_frames(model: Classifier, frames: np.ndarray, mean, std, accelerator: Accelerator, batch_size: int,
                    protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
     """p(positive) and upsampled Grad-CAM maps of a fine-tuned model (no cached maps), batch by batch, as
-    ``Runner._predict_and_explain`` computes them (auditbench/run.py); keep the two in step."""
+    ``pipeline.predict.predict_and_explain`` computes them (auditbench/pipeline/predict.py); keep the two in step."""
     device = accelerator.device
     explain = protocol.explain
     cam = CAM_METHODS.get(explain.method)
@@ -183,9 +183,9 @@ def measure_backbone(name: str, size: int | None, layouts: list[str], protocol: 
     device = accelerator.device
     torch.manual_seed(0)
     template = build_backbone(name, "none").eval()
-    for parameter in template.parameters():  # as Runner._backbone: the shared backbone is frozen
+    for parameter in template.parameters():  # as pipeline.passes.load_backbone: the shared backbone is frozen
         parameter.requires_grad_(False)
-    size = size or int(template.data_config["input_size"][-1])  # as Runner._frame with input_size: null
+    size = size or int(template.data_config["input_size"][-1])  # as pipeline.passes.model_frame with input_size: null
     mean, std = template.data_config["mean"], template.data_config["std"]
     info = {"input_size": size, "mean": mean, "std": std, "num_features": template.num_features}
     hidden = max(protocol.models.hidden)
@@ -209,7 +209,7 @@ def measure_backbone(name: str, size: int | None, layouts: list[str], protocol: 
             timing = time_call(lambda: call(frames), lambda: call(warm_frames), n_timed, repeats, device)
             rows.append(_row(name, template, size, layout, mode, timing))
             say(_progress(rows[-1]))
-        # Fine-tuning trains a copy of the shared backbone with every parameter trainable (Runner._train).
+        # Fine-tuning trains a copy of the shared backbone with every parameter trainable (pipeline.fit.fit_cell).
         trainable = copy.deepcopy(model)
         del model, calls
         for parameter in trainable.parameters():
@@ -347,7 +347,7 @@ def project(protocol: Protocol, rates: dict[str, dict[str, float]], head_rates: 
       frozen cells: Grad-CAM at 'last' and occlusion use the cached maps and pooled features: the head only, 0 here
       (at a finer explain.layer a frozen model's maps need the images: explain = n_test / gradcam).
 
-    Per backbone x crop group, once for all tasks, cells and folds (the run's SampleCache):
+    Per backbone x crop group, once for all tasks, cells and folds (the run's BackbonePasses):
 
       features = N / features + (K * N + N_aug) / predict    (N: images of all tasks together, each once)
 

@@ -222,26 +222,35 @@ def test_run_records_bad_files_notes_outside_labels_and_prints_progress_lines(tm
     assert progress[-1].endswith("ETA 0:00:00")
 
 
-def test_ctrl_c_says_what_was_kept_and_how_to_rerun(tmp_path, monkeypatch):
-    from auditbench.run import Runner
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch):
+    import auditbench.pipeline.executors as executors
 
     protocol = _manifest_protocol(tmp_path, _rows(tmp_path, covid=12, normal=12))
     calls = []
-    original = Runner._train_and_evaluate
+    original = executors.run_cell
 
-    def interrupt_second(self, *args):
+    def interrupt_second(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(*args)
 
-    monkeypatch.setattr(Runner, "_train_and_evaluate", interrupt_second)
+    monkeypatch.setattr(executors, "run_cell", interrupt_second)
     out = tmp_path / "out"
     argv = ["run", str(protocol), "--out", str(out)]
     monkeypatch.setattr("sys.argv", ["auditbench", *argv])  # what the console script sees
     result = runner.invoke(app, argv)
     assert result.exit_code == 130, result.output
     (message,) = [line for line in result.output.splitlines() if line.startswith("interrupted")]
-    assert message.startswith("interrupted after 1 of 2 model x fold runs; ")
-    assert message.endswith(f". A run does not resume: to rerun it, auditbench run {protocol} --out {out}")
-    assert "Traceback" not in result.output
+    assert message.startswith("interrupted after 1 of 2 model x fold runs; the finished cell (1) is kept in ")
+    assert message.endswith(f"; the output folder is as it was. To resume, rerun: auditbench run {protocol} --out {out}")
+    assert "Traceback" not in result.output and not out.exists()
+    # The same command resumes: the finished cell is reused, not recomputed.
+    monkeypatch.setattr(executors, "run_cell", original)
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "resuming run " in result.output and "1 of 2 model x fold cells are done" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["cells_reused"], summary["cells_computed"]) == (1, 1)
+    assert len(calls) == 2  # the resumed run called the original, not the counting wrapper
+    assert not list(tmp_path.glob(".out.partial-*")) and not (out / "cells").exists()

@@ -418,13 +418,14 @@ def test_disk_full_mid_write_exits_2_and_leaves_the_previous_run(manifest_run, t
     out = tmp_path / "out"
     shutil.copytree(original, out)
     before = tree(out)
-    import auditbench.run as run_module
+    import auditbench.pipeline.runner as runner_module
+    from auditbench.report.tables import write_csv
 
     def full_disk(self):
-        run_module.write_csv(pd.DataFrame({"a": [1]}), self.out_dir / "results.csv", self.provenance)
+        write_csv(pd.DataFrame({"a": [1]}), self.out_dir / "results.csv", self.provenance)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.out_dir / "images.csv"))
 
-    monkeypatch.setattr(run_module.Runner, "run", full_disk)
+    monkeypatch.setattr(runner_module.Runner, "run", full_disk)
     line = error_line(runner.invoke(app, run_args(manifest, out)))
     assert "No space left on device" in line and f"{out} was left as it was" in line
     assert tree(out) == before and leftovers(tmp_path, "out") == []

@@ -3,7 +3,8 @@ from pathlib import Path
 import pandas as pd
 
 from auditbench.audit.aggregate import aggregate_models
-from auditbench.run import external_findings, stable_seed
+from auditbench.pipeline.findings import external_findings
+from auditbench.pipeline.records import stable_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,18 +89,21 @@ def test_sample_cache_runs_the_backbone_once_per_distinct_image(tmp_path, monkey
     one backbone pass; a view with a changed image is computed."""
     import dataclasses
 
-    import auditbench.run as run_module
+    import auditbench.pipeline.passes as passes_module
     from auditbench.data.synthetic import SyntheticConfig, generate
+    from auditbench.pipeline.store import FeatureStore
     from auditbench.protocol.loader import load_protocol
+    from auditbench.training.device import select_accelerator
 
     protocol = load_protocol(REPO / "protocols" / "quick.yaml", [
         "models.backbones=[{name: resnet10t, weights: none}]", "preprocessing.input_size=32",
     ])
-    runner = run_module.Runner(protocol, tmp_path, tmp_path)
     passes = []
-    real_extract = run_module.extract_features
-    monkeypatch.setattr(run_module, "extract_features", lambda backbone, images, *a, **k: passes.append(len(images)) or real_extract(backbone, images, *a, **k))
-    cache = runner._sample_cache("resnet10t", "none", False)
+    real_extract = passes_module.extract_features
+    monkeypatch.setattr(passes_module, "extract_features", lambda backbone, images, *a, **k: passes.append(len(images)) or real_extract(backbone, images, *a, **k))
+    backbone = passes_module.load_backbone(protocol, "resnet10t", "none")
+    cache = passes_module.BackbonePasses(protocol, backbone, passes_module.model_frame(protocol, backbone, False),
+                                         select_accelerator("cpu", "auto"), FeatureStore())
     config = SyntheticConfig(n_images=6, image_size=48, seed=0)
     view = generate(config, 0.0, "test").samples
     same_images = generate(config, 0.0, "test").samples  # new objects, same content

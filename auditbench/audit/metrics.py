@@ -46,6 +46,7 @@ class MetricInfo:
     description: str
     citation: str = ""
     region: Region | None = None
+    detector: bool = False  # claims to detect shortcut reliance: the validation study scores it
 
     @property
     def not_applicable_when_undefined(self) -> bool:
@@ -64,9 +65,14 @@ def register_metric(
     description: str,
     citation: str = "",
     region: Region | None = None,
+    detector: bool | None = None,
 ) -> MetricInfo:
-    """Declare a metric in :data:`METRICS` and return its entry."""
-    info = MetricInfo(name, higher_is_better, kind, description, citation, region)
+    """Declare a metric in :data:`METRICS` and return its entry. ``detector`` (default: attention
+    and occlusion metrics) marks a metric that claims to detect shortcut reliance, which the
+    validation table then scores against the behavioural label."""
+    if detector is None:
+        detector = kind in ("attention", "occlusion")
+    info = MetricInfo(name, higher_is_better, kind, description, citation, region, detector)
     METRICS.add(name, info)
     return info
 
@@ -141,7 +147,7 @@ register_metric(
     "much the model's output depends on the marker (the validation's ground truth)",
 )
 register_metric(
-    "shortcut_accuracy_drop", higher_is_better=False, kind="behaviour",
+    "shortcut_accuracy_drop", higher_is_better=False, kind="behaviour", detector=True,
     citation="DeGrave, Janizek, Lee, Nature MI 2021 (accuracy lost when the shortcut is decorrelated)",
     description="synthetic data: accuracy on test images drawn with the training bias minus accuracy on "
     "decorrelated test images",

@@ -1,4 +1,5 @@
-"""Check every registry name a protocol uses before anything runs, with suggestions."""
+"""Check every registry name a protocol uses before anything runs, with suggestions (the pipeline
+checks here because it sits above every registry; protocol/ imports none of them)."""
 from __future__ import annotations
 
 from auditbench.protocol.schema import Protocol

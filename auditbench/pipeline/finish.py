@@ -1,0 +1,231 @@
+"""Stage 5: finish a run. Aggregate the cells' rows into models, validate the metrics against the
+known answer, rank and select, and write every output through the one writer, in plan order."""
+from __future__ import annotations
+
+import platform
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from auditbench.audit.aggregate import add_accuracy_drop, aggregate_models
+from auditbench.audit.metrics import METRICS
+from auditbench.audit.validation import metric_validation
+from auditbench.outputs import PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, png_with_text, write_json_atomic
+from auditbench.pipeline.findings import external_findings, runner_up_comparison
+from auditbench.pipeline.plan import RunPlan
+from auditbench.pipeline.provenance import git_commit, package_versions
+from auditbench.pipeline.records import CellResult, GalleryCandidate, StageClock
+from auditbench.protocol.schema import Protocol
+from auditbench.report.overlays import overlay_png
+from auditbench.report.tables import (
+    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE, write_csv,
+)
+from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
+
+GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]
+UNDEFINED_CAUSES = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
+                    "empty_lung_mask": "lung masks were empty"}
+
+
+@dataclass
+class RunState:
+    """What the run knows when its cells are done: the plan, every cell's result in plan order,
+    and the run-level facts the summary reports."""
+
+    protocol: Protocol
+    out_dir: Path
+    provenance: dict[str, str]  # run_id, protocol_sha256
+    plan: RunPlan
+    cells: list[CellResult]
+    clock: StageClock
+    device: str
+    started: datetime
+    pass_warnings: Counter = field(default_factory=Counter)
+    cells_reused: int = 0
+    extra: dict = field(default_factory=dict)  # e.g. the feature store's counts
+
+
+def finish_run(state: RunState) -> dict:
+    protocol, out_dir, notes = state.protocol, state.out_dir, list(state.plan.notes)
+    results_rows = [row for cell in state.cells for row in cell.results_rows]
+    image_rows = [row for cell in state.cells for row in cell.image_rows]
+    cam_geometry = {cell.model_id: cell.cam_geometry for cell in state.cells}
+    with state.clock.stage("select"):
+        results = add_accuracy_drop(pd.DataFrame(results_rows))
+        images = pd.DataFrame(image_rows)
+        grid = pd.DataFrame([s.grid_row() for s in state.plan.specs])
+        models = aggregate_models(results, images, grid, protocol.training.folds, cam_geometry,
+                                  protocol.metrics.bootstrap, protocol.seed)
+        rule = SelectionRule(
+            primary=protocol.selection.primary,
+            constraints=[Constraint(metric, c.min, c.max) for metric, c in protocol.selection.constraints.items()],
+            pareto=tuple(protocol.selection.pareto),
+        )
+        models = rank_models(models, rule)
+        selected = models.loc[models["selected"], "model_id"]
+        selected_id = str(selected.iloc[0]) if len(selected) else None
+        validation = _validation(models, protocol, notes)
+        notes.extend(external_findings(results, models))
+        notes.extend(runner_up_comparison(models, images, protocol))
+    with state.clock.stage("report"):
+        gallery_rows = _write_gallery(state)
+        # Every CSV through the one writer: text cells neutralised, run id and protocol hash per row.
+        write_csv(results, out_dir / RESULTS_FILE, state.provenance)
+        write_csv(models, out_dir / MODELS_FILE, state.provenance)
+        write_csv(images, out_dir / IMAGES_FILE, state.provenance)
+        write_csv(pd.DataFrame(gallery_rows, columns=GALLERY_COLUMNS), out_dir / GALLERY_FILE, state.provenance)
+        write_csv(pd.DataFrame([vars(s) for s in state.plan.skipped], columns=["path", "reason", "source"]),
+                  out_dir / SKIPPED_FILE, state.provenance)
+        if validation is not None:
+            write_csv(validation, out_dir / VALIDATION_FILE, state.provenance)
+        _prune_models(state, selected_id)
+        summary = _summary(state, selected_id, rule, notes)
+        write_json_atomic(out_dir / SUMMARY_FILE, summary)  # the report reads it
+        if protocol.report.html:
+            from auditbench.report.html import render_report
+
+            render_report(out_dir)
+    summary["stage_seconds"] = _seconds(state)
+    summary["manifest"] = build_manifest(out_dir)  # every file but summary.json, with its sha256
+    write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _seconds(state: RunState) -> dict[str, float]:
+    """This process's stages; cells reused from the journal add the seconds they took when computed."""
+    clock = StageClock()
+    clock.merge(state.clock.seconds)
+    for cell in state.cells:
+        clock.merge(cell.stage_seconds)
+    return {k: round(v, 2) for k, v in clock.seconds.items()}
+
+
+def _write_gallery(state: RunState) -> list[dict]:
+    """Each model's best and worst internal image by lung_mass over its folds (ties: the earlier fold)."""
+    if not state.protocol.report.gallery_per_model:
+        return []
+    folder = state.out_dir / "gallery"
+    folder.mkdir(exist_ok=True)
+    by_model: dict[str, dict[str, GalleryCandidate]] = {}
+    for cell in state.cells:
+        chosen = by_model.setdefault(cell.model_id, {})
+        for kind, candidate in cell.gallery.items():
+            if candidate.beats(chosen.get(kind), kind):
+                chosen[kind] = candidate
+    rows = []
+    for model_id, chosen in by_model.items():
+        for kind, candidate in chosen.items():
+            file = f"{_safe_name(model_id)}__{kind}.png"
+            png = overlay_png(candidate.image, candidate.heatmap, candidate.lung, candidate.artifact)
+            (folder / file).write_bytes(png_with_text(png, {PNG_RUN_KEY: state.provenance["run_id"],
+                                                            PNG_PROTOCOL_KEY: state.provenance["protocol_sha256"]}))
+            rows.append({"model_id": model_id, "sample_id": candidate.sample_id, "fold": candidate.fold, "kind": kind,
+                         "lung_mass": candidate.lung_mass, "p_positive": candidate.p_positive, "label": candidate.label,
+                         "file": f"gallery/{file}"})
+    return rows
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> pd.DataFrame | None:
+    """Known-answer check of the audit itself (synthetic data): does each metric tell the models
+    that rely on the marker (shortcut_reliance above validation.reliance_threshold, measured on
+    clean twins) from those that do not, within a frame?"""
+    if "shortcut_reliance_mean" not in models:
+        notes.append("No validation table: only synthetic data has a known answer (clean twins of the test images).")
+        return None
+    table = models.copy()
+    threshold = protocol.validation.reliance_threshold
+    table["relies"] = table["shortcut_reliance_mean"] > threshold
+    if table["relies"].all() or not table["relies"].any():
+        notes.append(
+            f"No validation table: {int(table['relies'].sum())} of {len(table)} models rely on the marker "
+            f"(shortcut_reliance > {threshold:g}); it needs both kinds."
+        )
+        return None
+    validated = [name for name, info in METRICS.items() if info.detector]
+    metrics = [m for m in validated if f"{m}_mean" in table]
+    return metric_validation(table, metrics, reliance_column="shortcut_reliance_mean",
+                             n_boot=protocol.validation.bootstrap, seed=protocol.seed)
+
+
+def _prune_models(state: RunState, selected_id: str | None) -> None:
+    """save_models: selected: the checkpoints this run saved of the models not selected go.
+    Only those: nothing else in models/ is touched."""
+    folder = state.out_dir / "models"
+    if state.protocol.report.save_models != "selected" or not folder.exists():
+        return
+    for spec in state.plan.specs:
+        path = folder / spec.model_id
+        if spec.model_id != selected_id and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
+def _summary(state: RunState, selected_id: str | None, rule: SelectionRule, notes: list[str]) -> dict:
+    protocol, plan = state.protocol, state.plan
+    regional = [m for m in protocol.selection.constraints if METRICS.get(m).not_applicable_when_undefined]
+    if regional:
+        notes.append(
+            f"A constraint on {', '.join(regional)} counts as met only where the masks prove its region out of "
+            "the model's view (e.g. the crop removed every artifact); where the metric is undefined for any "
+            "other reason (no mask, blank maps) the model is unverified and ranks below verified models."
+        )
+    if plan.skipped:
+        duplicates = sum(str(item.reason).startswith("duplicate") for item in plan.skipped)
+        notes.append(
+            f"{len(plan.skipped)} entries in skipped.csv, each with its reason: {duplicates} repeated images kept "
+            f"once, {len(plan.skipped) - duplicates} unreadable or blank images or unusable masks."
+        )
+    evaluated, undefined, warnings = Counter(), Counter(), Counter(state.pass_warnings)
+    cam_layers = {}
+    for cell, spec in zip(state.cells, (spec for group in plan.groups for spec, _ in group.cells)):
+        evaluated.update(cell.heatmaps_evaluated)
+        undefined.update(cell.undefined_heatmaps)
+        warnings.update(cell.warnings)
+        cam_layers.setdefault(spec.backbone, cell.cam_layer)
+    for key, count in sorted(undefined.items(), key=lambda item: tuple(item[0].rsplit("|", 1))):
+        split, cause = key.rsplit("|", 1)
+        if count:
+            notes.append(
+                f"{split}: for {count} of {evaluated[split]} image evaluations (all models and folds) "
+                f"{UNDEFINED_CAUSES[cause]}; their attention metrics are NaN and left out of the means (images.csv)."
+            )
+    notes.append("Checkpoints are the models trained on fold 0; metrics are over all folds.")
+    versions = package_versions()
+    return {
+        "name": protocol.name,
+        "run_id": state.provenance["run_id"],
+        "protocol_sha256": state.provenance["protocol_sha256"],
+        "data_fingerprint": plan.data_fingerprint,
+        "git_commit": git_commit(),
+        "seed": protocol.seed,
+        "selected_model": selected_id,
+        "selection": {
+            "primary": rule.primary,
+            "constraints": {c.metric: {"min": c.min, "max": c.max} for c in rule.constraints},
+            "pareto": list(rule.pareto),
+        },
+        "metric_directions": {name: "higher" if info.higher_is_better else "lower" for name, info in METRICS.items()},
+        "n_models": len(plan.specs),
+        "n_images": plan.n_images,
+        "n_skipped": len(plan.skipped),
+        "cells_computed": len(state.cells) - state.cells_reused,
+        "cells_reused": state.cells_reused,
+        **state.extra,
+        "warnings": dict(warnings),
+        "notes": notes,
+        "cam_layers": cam_layers,
+        "device": state.device,
+        "package_versions": versions,
+        "platform": platform.platform(),
+        "stage_seconds": _seconds(state),
+        "started": state.started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "auditbench_version": versions.get("auditbench", "unknown"),
+    }

@@ -1,0 +1,182 @@
+"""Typed records the pipeline stages pass to each other, and the run's fixed conventions."""
+from __future__ import annotations
+
+import time
+import zlib
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from auditbench.audit.occlusion import OccludedImages
+from auditbench.data.prepare import Frames, TaskData
+from auditbench.data.splits import Fold
+from auditbench.data.transforms import FrameSpec
+from auditbench.models.backbones import FeatureBackbone
+from auditbench.models.classifier import Classifier
+from auditbench.protocol.grid import ModelSpec
+from auditbench.protocol.schema import TaskSpec
+from auditbench.training.features import CachedFeatures
+
+# Synthetic data only: the internal test images redrawn with the training shortcut strength.
+TRAIN_DISTRIBUTION_SPLIT = "train_distribution"
+# One threshold rule everywhere: an image is called positive when p(positive) > 0.5.
+THRESHOLD = 0.5
+
+
+def stable_seed(*parts) -> int:
+    """A seed derived from the protocol seed and names, the same on every run and machine."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) % (2**31)
+
+
+def frame_name(frame: FrameSpec) -> str:
+    """The stratum of the validation: input size and crop ("128px" or "128px crop")."""
+    return f"{frame.input_size}px{' crop' if frame.crop else ''}"
+
+
+@dataclass
+class StageClock:
+    """Seconds spent per stage; clocks of separate workers add up with :meth:`merge`."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def merge(self, seconds: dict[str, float]) -> None:
+        for name, value in seconds.items():
+            self.seconds[name] += value
+
+
+# ----- planning ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskInputs:
+    """One task x data-axes cell of the data: its images and its folds."""
+
+    task: TaskSpec
+    axes: dict[str, float | str | int]
+    data: TaskData
+    folds: list[Fold]
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """One unit of fitting work: a grid cell (model) on one fold."""
+
+    model_id: str
+    fold: int
+
+
+@dataclass
+class GroupPlan:
+    """The models sharing one backbone pass: same backbone, weights, frame and task data."""
+
+    backbone: str
+    weights: str
+    crop: bool
+    task_inputs: TaskInputs
+    specs: list[ModelSpec]
+
+    @property
+    def cells(self) -> list[tuple[ModelSpec, Fold]]:
+        return [(spec, fold) for spec in self.specs for fold in self.task_inputs.folds]
+
+
+# ----- backbone passes --------------------------------------------------------------------------
+
+
+@dataclass
+class Occlusion:
+    """Occluded copies of a set of frames, with their pooled backbone features: a frozen model's
+    occlusion effects then need only its head."""
+
+    images: OccludedImages
+    pooled: dict[str, torch.Tensor]
+
+    def subset(self, index: np.ndarray) -> "Occlusion":
+        images = self.images.subset(index)
+        return Occlusion(images, {r: self.pooled[r][torch.as_tensor(images.parent_rows[r])] for r in self.pooled})
+
+
+@dataclass
+class GroupInputs:
+    """Everything the backbone pass gives the models of one group."""
+
+    backbone: FeatureBackbone
+    frame: FrameSpec
+    mean: tuple
+    std: tuple
+    train_frames: Frames
+    test_frames: Frames
+    train_features: CachedFeatures
+    test_features: CachedFeatures
+    augmented_frames: Frames | None
+    augmented_features: CachedFeatures | None
+    augmented_source: np.ndarray | None  # index into train view of each augmented copy
+    external: dict[str, tuple[Frames, CachedFeatures, Occlusion | None]]
+    test_occlusion: Occlusion | None
+    clean_frames: Frames | None = None  # synthetic: the test images' clean twins
+    clean_features: CachedFeatures | None = None
+
+
+# ----- fitting and evaluation -------------------------------------------------------------------
+
+
+@dataclass
+class ModelFold:
+    """One trained model of one fold, ready to predict and explain."""
+
+    classifier: Classifier
+    frozen: bool  # True: the backbone is the shared pretrained one, so cached maps are valid
+
+
+@dataclass
+class GalleryCandidate:
+    """The image of a model's best or worst lung_mass, with what its overlay needs."""
+
+    lung_mass: float
+    fold: int
+    sample_id: str
+    label: str
+    p_positive: float
+    image: np.ndarray
+    heatmap: np.ndarray
+    lung: np.ndarray
+    artifact: np.ndarray
+
+    def beats(self, other: "GalleryCandidate | None", kind: str) -> bool:
+        """Strictly better for ``kind`` ("best": higher lung_mass, "worst": lower); ties keep the earlier."""
+        if other is None:
+            return True
+        return self.lung_mass > other.lung_mass if kind == "best" else self.lung_mass < other.lung_mass
+
+
+@dataclass
+class CellResult:
+    """Everything one model x fold contributes to the run's outputs: a unit the journal writes
+    atomically, so that a resumed run reuses it unchanged."""
+
+    model_id: str
+    fold: int
+    results_rows: list[dict] = field(default_factory=list)
+    image_rows: list[dict] = field(default_factory=list)
+    gallery: dict[str, GalleryCandidate] = field(default_factory=dict)  # "best" / "worst"
+    cam_geometry: dict = field(default_factory=dict)
+    cam_layer: str = ""
+    warnings: Counter = field(default_factory=Counter)
+    heatmaps_evaluated: Counter = field(default_factory=Counter)  # split -> count
+    undefined_heatmaps: Counter = field(default_factory=Counter)  # "split|cause" -> count
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> CellKey:
+        return CellKey(self.model_id, self.fold)
