@@ -48,7 +48,7 @@ YAML_HEADER = "# auditbench run {run_id}; protocol_sha256 {digest} (sha256 of th
 # wrote there: deleted by name when such a run is replaced.
 RUN_FILES = {
     "protocol.resolved.yaml", "results.csv", "models.csv", "images.csv", "validation.csv", "skipped.csv",
-    "gallery.csv", "summary.json", "report.html",
+    "gallery.csv", "summary.json", "report.html", "model_card.md", "model_card.json",
 }
 LEGACY_CHECKPOINT_FILES = {"weights.safetensors", "config.json"}
 
@@ -674,7 +674,7 @@ def rerender_report(out_dir: Path | str, say: Say | None = None) -> Path:
     """``auditbench report DIR``: re-render report.html from the folder's tables (under the folder's
     lock, written atomically) and record its new sha256 in summary.json's manifest, so that a
     folder that verified before still verifies. Raises ResultsError for unreadable tables."""
-    from auditbench.report.html import REPORT_FILE, render_html
+    from auditbench.report.html import REPORT_FILE, REPORT_FILES, render_files
     from auditbench.report.tables import read_tables
 
     say = say or (lambda text: print(text, file=sys.stderr))
@@ -686,11 +686,11 @@ def rerender_report(out_dir: Path | str, say: Say | None = None) -> Path:
         summary = read_summary(folder) or {}
         if isinstance(summary.get("manifest"), dict):
             problems = [p for p in verify_run_folder(folder, set(tables.models["model_id"].astype(str)), tables.provenance)
-                        if not p.startswith(str(folder / REPORT_FILE))]
+                        if not any(p.startswith(str(folder / name)) for name in REPORT_FILES)]
             if problems:
-                say(f"warning: {folder} is not one complete run ({problems[0]}); report.html re-rendered "
-                    "anyway, and `auditbench check` will refuse the folder")
-        path = folder / REPORT_FILE
-        write_text_atomic(path, render_html(tables))
-        refresh_manifest(folder, [REPORT_FILE])
-    return path
+                say(f"warning: {folder} is not one complete run ({problems[0]}); report.html and the model card "
+                    "re-rendered anyway, and `auditbench check` will refuse the folder")
+        for name, content in render_files(tables).items():
+            write_text_atomic(folder / name, content)
+        refresh_manifest(folder, list(REPORT_FILES))
+    return folder / REPORT_FILE

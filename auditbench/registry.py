@@ -55,3 +55,7 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
+
+    def in_registration_order(self) -> list[tuple[str, T]]:
+        """Entries as registered: for registries where an entry may use an earlier one's result."""
+        return list(self._entries.items())

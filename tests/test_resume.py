@@ -119,3 +119,14 @@ def test_ray_executor_writes_the_local_executors_tables(uninterrupted, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["executor"] == "ray" and summary["cells_computed"] == 8, result.stderr[-2000:]
     assert _tables(out) == _tables(uninterrupted)
+
+
+def test_cache_serves_a_second_run_without_a_backbone_pass(uninterrupted, tmp_path):
+    cache = tmp_path / "cache"
+    _run(tmp_path / "first", "--cache", str(cache))
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())["feature_store"]
+    assert first["entries_read"] == 0 and first["entries_written"] > 0
+    _run(tmp_path / "second", "--cache", str(cache))
+    second = json.loads((tmp_path / "second" / "summary.json").read_text())["feature_store"]
+    assert second["entries_written"] == 0 and second["entries_read"] == first["entries_written"]
+    assert _tables(tmp_path / "second") == _tables(tmp_path / "first") == _tables(uninterrupted)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -47,6 +47,7 @@ class MetricInfo:
     citation: str = ""
     region: Region | None = None
     detector: bool = False  # claims to detect shortcut reliance: the validation study scores it
+    compute: Callable[["AttentionInputs"], np.ndarray] | None = None  # attention metrics: per-image values
 
     @property
     def not_applicable_when_undefined(self) -> bool:
@@ -66,13 +67,18 @@ def register_metric(
     citation: str = "",
     region: Region | None = None,
     detector: bool | None = None,
+    compute: Callable[["AttentionInputs"], np.ndarray] | None = None,
 ) -> MetricInfo:
     """Declare a metric in :data:`METRICS` and return its entry. ``detector`` (default: attention
     and occlusion metrics) marks a metric that claims to detect shortcut reliance, which the
-    validation table then scores against the behavioural label."""
+    validation table then scores against the behavioural label. An attention metric carries its
+    ``compute`` (per-image values from :class:`AttentionInputs`): registering one is all it takes
+    for the run, its tables, the report and ``check`` to have it."""
     if detector is None:
         detector = kind in ("attention", "occlusion")
-    info = MetricInfo(name, higher_is_better, kind, description, citation, region, detector)
+    if kind == "attention" and compute is None:
+        raise ValueError(f"attention metric {name!r} needs its compute function")
+    info = MetricInfo(name, higher_is_better, kind, description, citation, region, detector, compute)
     METRICS.add(name, info)
     return info
 
@@ -102,28 +108,34 @@ del _name, _text
 _CELL = "scored on the artifact mask dilated by one map cell (the map cannot place mass more finely)"
 register_metric(
     "lung_mass", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
+    compute=lambda a: relevance_mass(a.heatmaps, a.lungs),
     description="sum(H over lung mask) / sum(H): share of Grad-CAM mass on the lungs",
 )
 register_metric(
     "border_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="border",
+    compute=lambda a: relevance_mass(a.heatmaps, a.border),
     description="sum(H over the border band) / sum(H); the band is defined on the source image (the generator's "
     "marker band), NaN (not applicable) where the crop removed it",
 )
 register_metric(
     "artifact_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
+    compute=lambda a: relevance_mass(a.heatmaps, a.artifacts),
     description=f"sum(H over artifacts) / sum(H), {_CELL}; NaN (not applicable) without an artifact in view",
 )
 register_metric(
     "artifact_enrichment", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
+    compute=lambda a: enrichment(a.values["artifact_mass"], a.artifacts),
     description=f"artifact_mass / (artifact area / image area), {_CELL}: 1.0 = no preference, above 1 = drawn "
     "to the artifact",
 )
 register_metric(
     "lung_enrichment", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
+    compute=lambda a: enrichment(a.values["lung_mass"], a.lungs),
     description="lung_mass / (lung area / image area): 1.0 = no preference for the lungs",
 )
 register_metric(
     "pointing_game", higher_is_better=True, kind="attention", citation=_ZHANG, region="lung",
+    compute=lambda a: pointing_game(a.heatmaps, a.lungs, tolerance_px=a.cell_px),
     description="1 if the argmax of H lies within one map cell of the lung mask, else 0 (the original allows 15 px)",
 )
 register_metric(
@@ -217,6 +229,20 @@ def enrichment(mass: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class AttentionInputs:
+    """What an attention metric's ``compute`` gets: raw maps and region masks in the model frame
+    (artifacts already dilated by one map cell), the cell size, and the values of the metrics
+    registered before it (an enrichment reads its mass)."""
+
+    heatmaps: np.ndarray
+    lungs: np.ndarray
+    artifacts: np.ndarray
+    border: np.ndarray
+    cell_px: int
+    values: dict[str, np.ndarray]
+
+
+@dataclass
 class AttentionResult:
     """Per-image attention metrics and how many images were undefined for each cause.
 
@@ -254,8 +280,8 @@ def attention_metrics(
     border_masks: np.ndarray | None = None,
     cell_px: int = 0,
 ) -> AttentionResult:
-    """lung_mass, border_mass, artifact_mass, artifact_enrichment, lung_enrichment and pointing_game
-    per image.
+    """Every registered attention metric per image (lung_mass, border_mass, artifact_mass,
+    artifact_enrichment, lung_enrichment, pointing_game), in registration order.
 
     ``heatmaps`` (N, H, W) raw maps H >= 0 in the model frame; ``lung_masks`` bool (N, H, W);
     ``artifact_masks`` bool (N, H, W), a list with None for images without one, or None for none;
@@ -300,17 +326,11 @@ def attention_metrics(
             MetricWarning, stacklevel=2,
         )
 
-    lung_mass = relevance_mass(heatmaps, lung_masks)
-    artifact_mass = relevance_mass(heatmaps, artifact_masks)
-    values = {
-        "lung_mass": lung_mass,
-        "border_mass": relevance_mass(heatmaps, border_masks),
-        "artifact_mass": artifact_mass,
-        "artifact_enrichment": enrichment(artifact_mass, artifact_masks),
-        "lung_enrichment": enrichment(lung_mass, lung_masks),
-        "pointing_game": pointing_game(heatmaps, lung_masks, tolerance_px=cell_px),
-    }
-    return AttentionResult(values=values, nan_counts=counts)
+    inputs = AttentionInputs(heatmaps, lung_masks, artifact_masks, border_masks, cell_px, values={})
+    for name, info in METRICS.in_registration_order():
+        if info.kind == "attention":
+            inputs.values[name] = info.compute(inputs)
+    return AttentionResult(values=inputs.values, nan_counts=counts)
 
 
 # ------------------------------------------------------------------------ classification metrics
