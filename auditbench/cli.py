@@ -135,6 +135,83 @@ def run(
 
 
 @app.command()
+def audit(
+    model: str = typer.Argument(
+        ..., help="A checkpoint folder (models/<id>/ of a run: weights.safetensors + config.json), or, with "
+        "--weights, the timm model name of the classifier's backbone."),
+    data: Path = typer.Option(
+        ..., "--data", help="Protocol YAML whose data and task sections give the images, each a test image "
+        "(data.external: external sets); its explain, metrics, selection and report sections apply. Its models, "
+        "preprocessing and training sections are replaced by the model's own."),
+    overrides: list[str] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default reports/audit-<model id>/)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Model id in the tables (default: the checkpoint folder's name or the weights file's stem)."),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="State dict of the whole classifier (keys backbone.body.*, head.fc1.*, head.fc2.*): "
+        ".safetensors, or .pth/.pt read with torch.load(weights_only=True). MODEL is then its timm backbone."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="With --weights: the hidden size of the head."),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="With --weights: the class names in output order, NEGATIVE,POSITIVE (default: the task's)."),
+    positive: Optional[str] = typer.Option(
+        None, "--positive", help="With --weights: the positive class (default: the second of --classes)."),
+    input_size: Optional[int] = typer.Option(
+        None, "--input-size", help="With --weights: side of the model's square input (default: the backbone's)."),
+    crop: Optional[bool] = typer.Option(
+        None, "--crop/--no-crop", help="With --weights: the model sees the centre crop of each image (default: no crop)."),
+    crop_ratio: Optional[float] = typer.Option(
+        None, "--crop-ratio", help="With --weights and --crop: the fraction cut from each side (default: the study's 38/300)."),
+) -> None:
+    """Audit a trained classifier without training: the metrics, occlusion checks, external sets
+    and report of `run`, on every image of --data. Gate the folder with `auditbench check`."""
+    from auditbench.data.records import DataError
+    from auditbench.data.transforms import STUDY_CROP_RATIO
+    from auditbench.outputs import OutputError
+    from auditbench.pipeline.audit_model import AuditError, StateDictHead, load_model, prepare_audit, run_audit
+    from auditbench.protocol.loader import ProtocolError
+    from auditbench.registry import UnknownNameError
+
+    described = {"--hidden": hidden, "--classes": classes, "--positive": positive, "--input-size": input_size,
+                 "--crop": crop, "--crop-ratio": crop_ratio}
+    given = [option for option, value in described.items() if value is not None]
+    head = None
+    if weights is None and given:
+        raise _fail(f"{', '.join(given)} describe a bare state dict and need --weights FILE; a checkpoint folder "
+                    "carries its own head and preprocessing")
+    if weights is not None:
+        if hidden is None or hidden < 1:
+            raise _fail("--weights needs --hidden N (N >= 1): the hidden size of the model's head")
+        if input_size is not None and input_size < 32:
+            raise _fail(f"--input-size {input_size}: must be at least 32")
+        if crop_ratio is not None and not 0 <= crop_ratio < 0.5:
+            raise _fail(f"--crop-ratio {crop_ratio}: must lie in [0, 0.5)")
+        names = [part.strip() for part in classes.split(",")] if classes is not None else None
+        head = StateDictHead(hidden, names, positive, input_size, bool(crop),
+                             STUDY_CROP_RATIO if crop_ratio is None else crop_ratio)
+    say = lambda text: err_console.print(text, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    try:
+        audited = load_model(model, weights, head, name)
+        out_dir = out or Path("reports") / f"audit-{audited.model_id}"
+        plan = prepare_audit(audited, data, overrides, Path.cwd())
+        summary = run_audit(plan, out_dir, say, overwrite=overwrite, make_parents=out is None)
+    except (AuditError, ProtocolError, UnknownNameError, DataError, OutputError) as error:
+        raise _fail(str(error)) from None
+    except OSError as error:  # a full disk, a folder gone: nothing of --out was changed
+        raise _fail(f"cannot write the audit's outputs: {error}; {out_dir} was left as it was") from None
+    verdict = "meets the protocol's selection constraints" if summary["selected_model"] else \
+        "does not meet the protocol's selection constraints (models.csv: violations, unverified)"
+    _say(f"audited model {audited.model_id}: {verdict}")
+    for note in summary["notes"]:
+        if note.startswith("Test set"):
+            _say(note)
+    _say(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
 def report(out_dir: Path = typer.Argument(..., help="A run's output folder.")) -> None:
     """Re-render report.html from the result tables alone (no re-run)."""
     from auditbench.outputs import OutputError, rerender_report

@@ -47,6 +47,22 @@ def test_run_writes_outputs_and_is_deterministic(tiny_run, tmp_path):
     assert "git_commit" in summaries[0]  # the checkout's commit, or null outside a git checkout
 
 
+def test_lungs_removed_auc_is_the_auc_of_the_lung_filled_copies(tiny_run):
+    """results.csv's lungs_removed_auc per model, split and fold is the rank AUC of images.csv's
+    p_lungs_removed (p on the lung-filled copy), recomputed here with scikit-learn."""
+    from sklearn.metrics import roc_auc_score
+
+    results, images = pd.read_csv(tiny_run / "results.csv"), pd.read_csv(tiny_run / "images.csv")
+    rows = results[results["metric"] == "lungs_removed_auc"]
+    assert len(rows) == 8  # 4 models x 2 folds, internal split (no other split has occluded copies here)
+    for _, row in rows.iterrows():
+        part = images[(images["model_id"] == row["model_id"]) & (images["fold"] == row["fold"])
+                      & (images["split"] == row["split"])].dropna(subset=["p_lungs_removed"])
+        assert row["value"] == pytest.approx(roc_auc_score(part["label_index"], part["p_lungs_removed"]))
+    models = pd.read_csv(tiny_run / "models.csv")
+    assert {"lungs_removed_auc_mean", "lungs_removed_auc_ci_low", "lungs_removed_auc_ci_high"} <= set(models)
+
+
 def test_validate_prints_the_grid():
     result = runner.invoke(app, ["validate", str(REPO / "protocols" / "quick.yaml")])
     assert result.exit_code == 0, result.output

@@ -84,12 +84,16 @@ def test_content_key_follows_image_and_masks_not_object_identity():
     assert len(keys) == len(others) and content_key(a) not in keys
 
 
-def test_sample_cache_runs_the_backbone_once_per_distinct_image(tmp_path, monkeypatch):
+def test_backbone_passes_run_once_per_distinct_image(tmp_path, monkeypatch):
     """Two views holding the same images (every training strength's decorrelated test view) share
-    one backbone pass; a view with a changed image is computed."""
+    one backbone pass; a view with a changed image computes that image only; a view read back from
+    the store equals what was computed, chunk by chunk."""
     import dataclasses
 
+    import numpy as np
+
     import auditbench.pipeline.passes as passes_module
+    from auditbench.data.prepare import to_frames
     from auditbench.data.synthetic import SyntheticConfig, generate
     from auditbench.pipeline.store import FeatureStore
     from auditbench.protocol.loader import load_protocol
@@ -101,19 +105,29 @@ def test_sample_cache_runs_the_backbone_once_per_distinct_image(tmp_path, monkey
     passes = []
     real_extract = passes_module.extract_features
     monkeypatch.setattr(passes_module, "extract_features", lambda backbone, images, *a, **k: passes.append(len(images)) or real_extract(backbone, images, *a, **k))
+    monkeypatch.setattr(passes_module, "CHUNK", 4)  # 6 images: two chunks
     backbone = passes_module.load_backbone(protocol, "resnet10t", "none")
-    cache = passes_module.BackbonePasses(protocol, backbone, passes_module.model_frame(protocol, backbone, False),
-                                         select_accelerator("cpu", "auto"), FeatureStore())
+    frame = passes_module.model_frame(protocol, backbone, False)
+    cache = passes_module.BackbonePasses(protocol, backbone, frame, select_accelerator("cpu", "auto"),
+                                         FeatureStore(tmp_path, "ns"))
     config = SyntheticConfig(n_images=6, image_size=48, seed=0)
     view = generate(config, 0.0, "test").samples
     same_images = generate(config, 0.0, "test").samples  # new objects, same content
     assert view[0] is not same_images[0]
-    cache.get(view, keep_maps=True, occlusion=False)
-    cache.get(same_images, keep_maps=True, occlusion=False)
-    assert passes == [6]
+    first = cache.view(view, keep_maps=True, occlusion=False)
+    cache.view(same_images, keep_maps=True, occlusion=False)
+    assert passes == [4, 2]
     edited = [dataclasses.replace(view[0], image=view[0].image * 0.5)] + same_images[1:]
-    frames, features, _ = cache.get(edited, keep_maps=False, occlusion=False)
-    assert passes == [6, 1] and features.pooled.shape[0] == 6
+    features = cache.view(edited, keep_maps=False, occlusion=False)
+    assert passes == [4, 2, 1] and features.pooled.shape[0] == 6
+    rows = np.array([5, 0, 3])
+    expected = to_frames([view[i] for i in rows], frame, protocol.border_fraction)
+    np.testing.assert_array_equal(first.frames(rows).images, expected.images)
+    np.testing.assert_array_equal(first.frames(rows).lungs, expected.lungs)
+    direct = real_extract(backbone, expected.images, backbone.data_config["mean"], backbone.data_config["std"],
+                          select_accelerator("cpu", "auto"), 32, keep_maps=True)
+    assert np.allclose(first.maps(rows).numpy(), direct.maps.numpy(), atol=1e-6)
+    assert np.allclose(first.pooled[rows].numpy(), direct.pooled.numpy(), atol=1e-6)
 
 
 def test_data_fingerprint_ignores_order_and_repeats_but_not_pixels():
@@ -129,3 +143,15 @@ def test_data_fingerprint_ignores_order_and_repeats_but_not_pixels():
     changed = dataclasses.replace(b, image=images[1] + 1e-6)
     assert data_fingerprint([a, changed]) != data_fingerprint([a, b])
     assert data_fingerprint([a]) != data_fingerprint([a, b])
+
+
+def test_lungs_removed_auc_leaves_out_images_without_lungs():
+    """By hand: of (0.1, 0), (0.4, 0), (0.35, 1), (0.8, 1) three of four positive-negative pairs are
+    ordered right (0.35 < 0.4 is not): 0.75; the image without lungs in view (NaN) is left out."""
+    import numpy as np
+
+    from auditbench.audit.aggregate import lungs_removed_auc_value
+
+    p = np.array([0.1, np.nan, 0.4, 0.35, 0.8])
+    assert lungs_removed_auc_value(p, np.array([0, 1, 0, 1, 1])) == 0.75
+    assert np.isnan(lungs_removed_auc_value(p, np.array([1, 0, 1, 1, 1])))  # one class among defined images

@@ -36,13 +36,20 @@ def add_accuracy_drop(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([results, drop[results.columns]], ignore_index=True)
 
 
-def _auc(p: np.ndarray, y: np.ndarray) -> float:
+def rank_auc(p: np.ndarray, y: np.ndarray) -> float:
     """ROC AUC by the Mann-Whitney rank sum (ties 1/2); NaN with one class."""
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     ranks = rankdata(p)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def lungs_removed_auc_value(p_lungs_removed: np.ndarray, y: np.ndarray) -> float:
+    """ROC AUC of p on lung-filled copies (images without lungs in view left out); NaN with one class.
+    The per-fold value of ``lungs_removed_auc`` (``audit.probes.lungs_removed_auc`` adds its CI)."""
+    defined = np.isfinite(p_lungs_removed)
+    return rank_auc(p_lungs_removed[defined], np.asarray(y)[defined])
 
 
 def _balanced(correct: np.ndarray, y: np.ndarray) -> float:
@@ -65,8 +72,11 @@ def model_cis(images: pd.DataFrame, metrics: Sequence[str], n_boot: int, seed: i
     bounds = mean_cis(np.column_stack([columns[n] for n in names]), groups, n_boot, seed)
     out = {name: (float(low), float(high)) for name, (low, high) in zip(names, bounds)}
     p = images["p_positive"].to_numpy(dtype=float)
-    out["roc_auc"] = bootstrap_ci(lambda i: _auc(p[i], y[i]), groups, n_boot, seed)
+    out["roc_auc"] = bootstrap_ci(lambda i: rank_auc(p[i], y[i]), groups, n_boot, seed)
     out["balanced_accuracy"] = bootstrap_ci(lambda i: _balanced(correct[i], y[i]), groups, n_boot, seed)
+    if "p_lungs_removed" in images:
+        p_filled = images["p_lungs_removed"].to_numpy(dtype=float)
+        out["lungs_removed_auc"] = bootstrap_ci(lambda i: lungs_removed_auc_value(p_filled[i], y[i]), groups, n_boot, seed)
     return out
 
 

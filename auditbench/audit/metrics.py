@@ -22,7 +22,9 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from auditbench.data.transforms import border_band  # noqa: F401  (re-exported: metrics' border region)
 from auditbench.registry import Registry
 
-MetricKind = Literal["classification", "attention", "occlusion", "behaviour"]
+# "probe": one value per data set (and backbone or model), not a mean of per-image values, computed by
+# ``audit.probes`` outside a cell's per-image evaluation; its uncertainty comes with its own result.
+MetricKind = Literal["classification", "attention", "occlusion", "behaviour", "probe"]
 Region = Literal["lung", "border", "artifact"]
 
 
@@ -163,6 +165,29 @@ register_metric(
     citation="DeGrave, Janizek, Lee, Nature MI 2021 (accuracy lost when the shortcut is decorrelated)",
     description="synthetic data: accuracy on test images drawn with the training bias minus accuracy on "
     "decorrelated test images",
+)
+_SOURCE_PROBE = (
+    "DeGrave, Janizek, Lee, AI for radiographic COVID-19 detection selects shortcuts over signal, Nature MI 2021; "
+    "Zech et al., PLoS Medicine 2018 (CNNs identify the hospital); Alain & Bengio 2017 (linear probes)"
+)
+register_metric(
+    "source_probe_accuracy", higher_is_better=False, kind="probe", citation=_SOURCE_PROBE,
+    description="within each class, chance-adjusted balanced accuracy ((BA - 1/K) / (1 - 1/K), K sources) of a "
+    "patient-grouped cross-validated linear probe predicting the image's source from pooled backbone features, "
+    "averaged over classes: 0 = the source is not readable, 1 = perfectly readable (a shortcut is available)",
+)
+register_metric(
+    "outside_lung_probe_accuracy", higher_is_better=False, kind="probe", citation=_SOURCE_PROBE,
+    description="source_probe_accuracy on features of the images with the lungs filled with their median "
+    "intensity (the lung_occlusion_effect fill): the source is readable from outside the lungs",
+)
+register_metric(
+    "lungs_removed_auc", higher_is_better=False, kind="probe", region="lung", detector=True,
+    citation="Maguolo & Nanni, A critic evaluation of methods for COVID-19 automatic detection from X-ray "
+    "images, Information Fusion 2021",
+    description="ROC AUC of p(positive) on the test images with the lungs filled with their median intensity: "
+    "0.5 = the model needs the lungs, near the intact AUC = it does not (lower is better down to 0.5; well "
+    "below 0.5 also separates, inverted)",
 )
 
 

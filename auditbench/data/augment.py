@@ -29,6 +29,7 @@ Keras does (order 1). Positive angles rotate the content counter-clockwise on sc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from auditbench.data.records import Sample
+from auditbench.data.records import RenderedSample, Sample
 
 AugmentMode = Literal["minority_once", "online"]
 FillMode = Literal["reflect", "constant"]
@@ -197,16 +198,17 @@ def copies_to_make(labels, mode: AugmentMode) -> np.ndarray:
 def augmented_copy(sample: Sample, config: AugmentConfig, seed: int) -> Sample:
     """``sample`` under one random transform (``seed`` used as is): id ``sample_id + "#aug1"``, the
     same label, patient and source (copies must stay in their original's fold), masks
-    transformed with the image, and ``extra["augmented_from"] = sample.sample_id``."""
-    image, lung, artifact = augment_sample(sample.image, sample.lung_mask, sample.artifact_mask, config, seed)
-    return dataclasses.replace(
-        sample,
-        sample_id=f"{sample.sample_id}#aug1",
-        image=image,
-        lung_mask=lung,
-        artifact_mask=artifact,
-        extra={**sample.extra, "augmented_from": sample.sample_id},
-    )
+    transformed with the image, and ``extra["augmented_from"] = sample.sample_id``.
+    The copy is rendered from its original on each access, never held (``RenderedSample``).
+    """
+    metadata = {f.name: getattr(sample, f.name) for f in dataclasses.fields(Sample)
+                if f.name not in ("image", "lung_mask", "artifact_mask")}
+    metadata.update(sample_id=f"{sample.sample_id}#aug1", extra={**sample.extra, "augmented_from": sample.sample_id})
+    return RenderedSample(functools.partial(_augmented_pixels, sample, config, seed), **metadata)
+
+
+def _augmented_pixels(sample: Sample, config: AugmentConfig, seed: int):
+    return augment_sample(*sample.pixels(), config, seed)
 
 
 def _sample_seed(seed: int, sample_id: str) -> int:

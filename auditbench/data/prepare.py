@@ -74,9 +74,9 @@ def to_frames(samples: list[Sample], frame: FrameSpec, border_fraction: float) -
         "lungs", "artifacts", "border", "lung_footprint", "artifact_footprint", "border_footprint")}
     status = np.empty(len(samples), dtype=object)
     for i, sample in enumerate(samples):
-        images[i] = to_model_frame(sample.image, frame)
-        regions = {"lung": sample.lung_mask, "artifact": sample.artifact_mask,
-                   "border": border_band(sample.image.shape, border_fraction)}
+        image, lung_mask, artifact_mask = sample.pixels()  # once: a rendered sample renders per access
+        images[i] = to_model_frame(image, frame)
+        regions = {"lung": lung_mask, "artifact": artifact_mask, "border": border_band(image.shape, border_fraction)}
         for name, source in regions.items():
             if source is None or not source.any():
                 continue
@@ -86,9 +86,9 @@ def to_frames(samples: list[Sample], frame: FrameSpec, border_fraction: float) -
             region = mapped.footprint if name == "border" and not mapped.mask.any() else mapped.mask
             masks["lungs" if name == "lung" else "artifacts" if name == "artifact" else "border"][i] = region
             masks[f"{name}_footprint"][i] = mapped.footprint
-        if sample.artifact_mask is None:
+        if artifact_mask is None:
             status[i] = ARTIFACT_UNKNOWN
-        elif not sample.artifact_mask.any():
+        elif not artifact_mask.any():
             status[i] = ARTIFACT_ABSENT
         else:
             status[i] = ARTIFACT_IN_VIEW if masks["artifact_footprint"][i].any() else ARTIFACT_OUT_OF_VIEW
@@ -167,9 +167,10 @@ def _generate_synthetic(config, shortcut_strength: float, variant: str) -> list[
     return generate(config, shortcut_strength, variant).samples
 
 
-def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict) -> TaskData:
+def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict, check_folds: bool = True) -> TaskData:
     """One cell of the synthetic data axes (``shortcut_strength``, ``artifact_placement``,
-    ``data_seed``): training view, decorrelated test view and the test images' clean twins."""
+    ``data_seed``): training view, decorrelated test view and the test images' clean twins.
+    ``check_folds=False``: images that are only tested (``auditbench audit``) need no folds."""
     from auditbench.data.synthetic import SyntheticConfig
 
     spec = protocol.data.synthetic
@@ -194,7 +195,8 @@ def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict) -> TaskD
     _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
     groups = np.array([train_view[i].patient_id for i in keep])
-    _check_folds(protocol, task, labels, groups, "synthetic data")
+    if check_folds:
+        _check_folds(protocol, task, labels, groups, "synthetic data")
     return TaskData(
         train_view=[train_view[i] for i in keep],
         test_view=[test_view[i] for i in keep],
@@ -258,13 +260,15 @@ def fill_missing_masks(samples: list[Sample], data: DataSpec) -> None:
             sample.artifact_mask_source = "detected"
 
 
-def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, external: dict[str, LoadedDataset]) -> TaskData:
+def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, external: dict[str, LoadedDataset],
+                   check_folds: bool = True) -> TaskData:
     """The task's images of the internal sources and of each external set.
 
     An external image that is also an internal one (same file or pixels) is removed from the
     external set and recorded (a test image must not be a training image); with another label it
     is a DataError. Images with labels outside the task are counted in ``notes``. Too few patients
-    per class for ``training.folds`` is a DataError naming the class.
+    per class for ``training.folds`` is a DataError naming the class (unless ``check_folds=False``:
+    images that are only tested, as in ``auditbench audit``, need no folds).
     """
     from auditbench.data.datasets import remove_duplicates
 
@@ -276,7 +280,8 @@ def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, 
     keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
     samples = [internal.samples[i] for i in keep]
     groups = np.array([s.patient_id for s in samples])
-    _check_folds(protocol, task, labels, groups, "data.sources")
+    if check_folds:
+        _check_folds(protocol, task, labels, groups, "data.sources")
     task_external = {}
     for name, loaded in external.items():
         ext_keep, ext_labels = _select_task(loaded.samples, task)

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage, signal
 from skimage import draw
 
-from auditbench.data.records import LoadedDataset, Sample
+from auditbench.data.records import LoadedDataset, RenderedSample
 from auditbench.data.transforms import STUDY_CROP_RATIO
 
 SYNTHETIC_CLASSES = ("covid", "viral", "bacterial", "normal")
@@ -168,24 +168,31 @@ def generate(config: SyntheticConfig, shortcut_strength: float, variant: str = "
     samples = []
     for index in range(config.n_images):
         label = config.classes[index % len(config.classes)]
-        image, lung_mask = _phantom_pixels(config.seed, index, label, config.image_size, config.noise, config.disease_strength)
         rate = r + shortcut_strength * (1 - r) if label == config.positive_class else r * (1 - shortcut_strength)
-        artifact_mask, ink, kinds, regions = _artifacts(config, index, variant, rate, lung_mask)
+        render = functools.partial(_render_pixels, config, index, label, variant, rate)
+        # Kinds and regions are small; the pixels are rendered again whenever they are read.
+        _, _, kinds, regions = _artifacts(config, index, variant, rate, _phantom_pixels(
+            config.seed, index, label, config.image_size, config.noise, config.disease_strength)[1])
         samples.append(
-            Sample(
+            RenderedSample(
+                render,
                 sample_id=f"synthetic-{index:05d}",
-                image=np.where(artifact_mask, ink, image),
                 label=label,
                 patient_id=f"synthetic-{index:05d}",
                 source="synthetic",
-                lung_mask=lung_mask.copy(),
-                artifact_mask=artifact_mask,
                 mask_source="synthetic",
                 artifact_mask_source="synthetic",
                 extra={"index": index, "variant": variant, "artifacts": kinds, "artifact_regions": regions},
             )
         )
     return LoadedDataset(samples=samples)
+
+
+def _render_pixels(config: SyntheticConfig, index: int, label: str, variant: str, rate: float):
+    """Image (artifacts inked in), lung mask and artifact mask of one generated sample."""
+    image, lung_mask = _phantom_pixels(config.seed, index, label, config.image_size, config.noise, config.disease_strength)
+    artifact_mask, ink, _, _ = _artifacts(config, index, variant, rate, lung_mask)
+    return np.where(artifact_mask, ink, image), lung_mask.copy(), artifact_mask
 
 
 @functools.lru_cache(maxsize=512)

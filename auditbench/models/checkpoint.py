@@ -5,11 +5,16 @@ A checkpoint folder is enough to rebuild the model for prediction and Grad-CAM w
 from __future__ import annotations
 
 import json
+import pickle
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from safetensors import SafetensorError
+from torch import nn
 
 from auditbench.models.classifier import Classifier, build_classifier
 
@@ -92,13 +97,60 @@ def load_checkpoint(directory: Path) -> tuple[Classifier, dict[str, Any]]:
         state = safetensors.torch.load_file(weights_path)
     except SafetensorError as err:
         raise CheckpointError(f"cannot read checkpoint weights {weights_path}: {err}") from err
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"checkpoint weights {weights_path} do not fit the model in {CONFIG_FILE}: {err}"
-        ) from err
+    fit_state_dict(model, state, f"checkpoint weights {weights_path} do not fit the model in {CONFIG_FILE}")
     return model.eval(), config
+
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict (name -> tensor) from ``.safetensors``, or from ``.pth`` / ``.pt`` read with
+    ``torch.load(weights_only=True)``: a file that needs pickle for anything but tensors (a whole
+    model, a custom class) is refused, never unpickled. Raises :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix.lower() not in STATE_DICT_SUFFIXES:
+        raise CheckpointError(f"weights file {path}: expected {', '.join(STATE_DICT_SUFFIXES)}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page long; its one useful fact is the Python object it refused.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"weights file {path} holds pickled Python objects{what} that torch.load(weights_only=True) refuses; "
+            "auditbench never unpickles a weights file: save the state dict alone "
+            "(torch.save(model.state_dict(), path)) or as .safetensors"
+        ) from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot read weights file {path}: {' '.join(str(err).split())}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        nested = [k for k, v in state.items() if isinstance(v, Mapping)] if isinstance(state, Mapping) else []
+        hint = f"; its key {nested[0]!r} holds a dict: save that dict alone" if nested else ""
+        raise CheckpointError(f"weights file {path}: expected a state dict (parameter name -> tensor), "
+                              f"found a {type(state).__name__}{hint}")
+    return dict(state)
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` exactly (every key, every shape), or raise :class:`CheckpointError`
+    ``"<what>: 2 missing (head.fc1.weight, head.fc1.bias); ..."`` on one line."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [f"{key} {tuple(state[key].shape)}, model {tuple(value.shape)}"
+                for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    problems = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+                if keys]
+    if problems:
+        raise CheckpointError(f"{what}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -7,14 +7,16 @@ fold-0 checkpoint, and returns a :class:`CellResult`, which depends on nothing b
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from auditbench.audit.aggregate import lungs_removed_auc_value
 from auditbench.audit.metrics import attention_metrics, classification_metrics
-from auditbench.audit.occlusion import effects_from_probabilities, occlusion_effects
+from auditbench.audit.occlusion import effects_from_probabilities
 from auditbench.data.prepare import ARTIFACT_ABSENT, Frames, TaskData
 from auditbench.data.records import Sample
 from auditbench.data.splits import Fold
@@ -22,9 +24,10 @@ from auditbench.models.checkpoint import save_checkpoint
 from auditbench.pipeline.fit import fit_cell
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
 from auditbench.pipeline.records import (
-    THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellResult, GalleryCandidate, GroupInputs, ModelFold, Occlusion, StageClock,
+    THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
     frame_name,
 )
+from auditbench.pipeline.store import CHUNK
 from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.schema import Protocol
 from auditbench.training.device import Accelerator
@@ -46,23 +49,31 @@ class CellContext:
 
 
 def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> CellResult:
+    """Fit ``spec`` on ``fold``, evaluate it (:func:`evaluate_model`) and save the fold-0 checkpoint."""
     clock = StageClock()
-    result = CellResult(spec.model_id, fold.index, cam_layer=inputs.backbone.cam_layer_description)
     model = fit_cell(context.protocol, context.accelerator, spec, inputs, data, fold, clock)
-    test_samples = [data.test_view[i] for i in fold.test]
-    test_maps = inputs.test_features.maps[torch.as_tensor(fold.test)]
-    test_occlusion = inputs.test_occlusion.subset(fold.test) if inputs.test_occlusion else None
-    evaluate = _Evaluation(context, spec, model, inputs, result, clock)
-    evaluate.split(inputs.test_frames.subset(fold.test), test_maps, test_occlusion, data.labels[fold.test],
-                   test_samples, "internal", clean_index=fold.test)
-    for name, (frames, features, occlusion) in inputs.external.items():
-        samples, labels = data.external[name]
-        evaluate.split(frames, features.maps, occlusion, labels, samples, name)
-    if data.test_view is not data.train_view:
-        evaluate.training_distribution(data, fold)
+    result = evaluate_model(context, spec, model, inputs, data, fold, clock)
     if fold.index == 0 and context.protocol.report.save_models != "none":
         with clock.stage("save"):
             save_model(context, spec, model, inputs)
+    result.stage_seconds = dict(clock.seconds)
+    return result
+
+
+def evaluate_model(context: CellContext, spec: ModelSpec, model: ModelFold, inputs: GroupInputs, data: TaskData,
+                   fold: Fold, clock: StageClock | None = None) -> CellResult:
+    """Every split's rows for a fitted model (trained here or loaded from a checkpoint): the fold's
+    internal test images, every external set and (synthetic data) the training distribution."""
+    clock = clock or StageClock()
+    result = CellResult(spec.model_id, fold.index, cam_layer=inputs.backbone.cam_layer_description)
+    evaluate = _Evaluation(context, spec, model, inputs, result, clock)
+    if len(fold.test):
+        evaluate.split(inputs.test, fold.test, data.labels[fold.test], data.test_view, "internal")
+    for name, view in inputs.external.items():
+        samples, labels = data.external[name]
+        evaluate.split(view, np.arange(len(view)), labels, samples, name)
+    if data.test_view is not data.train_view and len(fold.test):
+        evaluate.training_distribution(data, fold)
     result.stage_seconds = dict(clock.seconds)
     return result
 
@@ -90,40 +101,66 @@ class _Evaluation:
         self.context, self.spec, self.model, self.inputs, self.result, self.clock = context, spec, model, inputs, result, clock
         self.batch_size = context.protocol.explain.batch_size
 
-    def split(self, frames: Frames, maps, occlusion: Occlusion | None, labels: np.ndarray, samples: list[Sample],
-              split: str, clean_index: np.ndarray | None = None) -> None:
-        context, model, inputs, result = self.context, self.model, self.inputs, self.result
-        with self.clock.stage("explain"):
-            p, heatmaps, map_side = predict_and_explain(model, inputs, frames, maps, context.cam, context.protocol.explain,
-                                                        context.accelerator)
-        cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
-        result.cam_geometry = {
-            "input_size": inputs.frame.input_size, "frame": frame_name(inputs.frame),
-            "cam_layer": context.protocol.explain.layer, "cam_map_size": map_side, "cam_stride": cell_px,
-        }
-        with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, frames.border, cell_px)
-            caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
-            values = dict(attention.values)
-            if occlusion is not None and model.frozen:
-                p_occluded = {r: head_probability(model, f) for r, f in occlusion.pooled.items()}
-                values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
-            elif occlusion is not None:
-                values.update(occlusion_effects(probability_fn(model, inputs, self.batch_size, context.accelerator),
-                                                frames.images, p_original=p, occluded=occlusion.images,
-                                                batch_size=self.batch_size))
-        self._count_warnings(caught, split)
-        result.heatmaps_evaluated[split] += len(p)
-        for cause in ("zero_map", "empty_lung_mask"):
-            result.undefined_heatmaps[f"{split}|{cause}"] += attention.nan_counts.get(cause, 0)
-        if split == "internal" and inputs.clean_frames is not None:
-            values["shortcut_reliance"] = self._reliance(frames, p, clean_index)
-        self._record(split, labels, p, samples, frames, values)
-        if split == "internal":
-            self._gallery_candidates(values["lung_mass"], p, heatmaps, frames, labels, samples)
+    def _chunks(self, rows: np.ndarray):
+        """``rows`` in chunks of whole explanation batches (so every batch is the one an unchunked
+        pass would make), about :data:`store.CHUNK` images each: memory follows the chunk."""
+        size = self.batch_size * max(1, CHUNK // self.batch_size)
+        for start in range(0, len(rows), size):
+            yield start, rows[start : start + size]
 
-    def _reliance(self, frames: Frames, p: np.ndarray, index: np.ndarray) -> np.ndarray:
+    def split(self, view: ViewPass, rows: np.ndarray, labels: np.ndarray, samples: list[Sample], split: str) -> None:
+        """Evaluate ``view[rows]`` (``samples`` is the whole view, ``labels`` aligned with ``rows``)."""
+        context, model, inputs, result = self.context, self.model, self.inputs, self.result
+        p_all, values_all, lungs_removed = [], defaultdict(list), []
+        for start, chunk in self._chunks(rows):
+            frames = view.frames(chunk)
+            with self.clock.stage("explain"):
+                p, heatmaps, map_side = predict_and_explain(model, inputs, frames, view.maps(chunk), context.cam,
+                                                            context.protocol.explain, context.accelerator)
+            cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
+            result.cam_geometry = {
+                "input_size": inputs.frame.input_size, "frame": frame_name(inputs.frame),
+                "cam_layer": context.protocol.explain.layer, "cam_map_size": map_side, "cam_stride": cell_px,
+            }
+            with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, frames.border, cell_px)
+                caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
+                values = dict(attention.values)
+                occlusion = view.occlusion(chunk, with_images=not model.frozen)
+                p_lungs_removed = np.full(len(p), np.nan)
+                if occlusion is not None:
+                    p_occluded = self._occluded_probabilities(occlusion)
+                    values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
+                    p_lungs_removed[occlusion.images.indices["lung"]] = p_occluded["lung"]
+            self._count_warnings(caught, split)
+            result.heatmaps_evaluated[split] += len(p)
+            for cause in ("zero_map", "empty_lung_mask"):
+                result.undefined_heatmaps[f"{split}|{cause}"] += attention.nan_counts.get(cause, 0)
+            if split == "internal" and inputs.clean is not None:
+                values["shortcut_reliance"] = self._reliance(frames, p, chunk)
+            chunk_labels = labels[start : start + len(chunk)]
+            self._image_rows(split, chunk_labels, p, [samples[i] for i in chunk], frames, values,
+                             p_lungs_removed if occlusion is not None else None)
+            lungs_removed.append(p_lungs_removed)
+            if split == "internal":
+                self._gallery_candidates(values["lung_mass"], p, heatmaps, frames, chunk_labels, [samples[i] for i in chunk])
+            p_all.append(p)
+            for name, per_image in values.items():
+                values_all[name].append(per_image)
+        self._results_rows(split, labels, np.concatenate(p_all), {k: np.concatenate(v) for k, v in values_all.items()},
+                           np.concatenate(lungs_removed) if view.has_occlusion else None)
+
+    def _occluded_probabilities(self, occlusion) -> dict[str, np.ndarray]:
+        """p(positive) of each region's filled copies: a frozen model's head on their cached
+        features, a fine-tuned model on the images themselves."""
+        if self.model.frozen:
+            return {region: head_probability(self.model, pooled) for region, pooled in occlusion.pooled.items()}
+        predict = probability_fn(self.model, self.inputs, self.batch_size, self.context.accelerator)
+        return {region: predict(filled) if len(occlusion.images.indices[region]) else np.empty(0)
+                for region, filled in occlusion.images.filled.items()}
+
+    def _reliance(self, frames: Frames, p: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """|p(x) - p(clean twin of x)| per test image whose source shows a marker (NaN elsewhere):
         the behavioural ground truth of the validation (a cropped frame that removed the marker
         gives 0, as it should: the model cannot use what it does not see)."""
@@ -131,36 +168,43 @@ class _Evaluation:
         reliance = np.full(len(p), np.nan)
         if not marked.any():
             return reliance
-        rows = index[marked]
+        twins = rows[marked]
         if self.model.frozen:
-            p_clean = head_probability(self.model, self.inputs.clean_features.pooled[torch.as_tensor(rows)])
+            p_clean = head_probability(self.model, self.inputs.clean.pooled[torch.as_tensor(twins)])
         else:
             p_clean = probability_fn(self.model, self.inputs, self.batch_size, self.context.accelerator)(
-                self.inputs.clean_frames.images[rows])
+                self.inputs.clean.images(twins))
         reliance[marked] = np.abs(p[marked] - p_clean)
         return reliance
 
     def training_distribution(self, data: TaskData, fold: Fold) -> None:
         """Accuracy on the fold's test images drawn like the training images (synthetic data: with the
         training shortcut strength): what a user evaluating on data with the same bias would see."""
-        index = fold.test
-        with self.clock.stage("explain"):
-            if self.model.frozen:
-                p = head_probability(self.model, self.inputs.train_features.pooled[torch.as_tensor(index)])
-            else:
-                p = probability_fn(self.model, self.inputs, self.batch_size, self.context.accelerator)(
-                    self.inputs.train_frames.images[index])
-        self._record(TRAIN_DISTRIBUTION_SPLIT, data.labels[index], p, [data.train_view[i] for i in index],
-                     self.inputs.train_frames.subset(index), {})
+        labels, p_all = data.labels[fold.test], []
+        for start, chunk in self._chunks(fold.test):
+            with self.clock.stage("explain"):
+                if self.model.frozen:
+                    p = head_probability(self.model, self.inputs.train.pooled[torch.as_tensor(chunk)])
+                else:
+                    p = probability_fn(self.model, self.inputs, self.batch_size, self.context.accelerator)(
+                        self.inputs.train.images(chunk))
+            self._image_rows(TRAIN_DISTRIBUTION_SPLIT, labels[start : start + len(chunk)], p,
+                             [data.train_view[i] for i in chunk], self.inputs.train.frames(chunk), {})
+            p_all.append(p)
+        self._results_rows(TRAIN_DISTRIBUTION_SPLIT, labels, np.concatenate(p_all), {})
 
     def _count_warnings(self, caught: list, split: str) -> None:
         """Identical messages are counted, so a large grid gives a short list."""
         for item in caught:
             self.result.warnings[f"{split}: {item.message}"] += 1
 
-    def _record(self, split: str, labels: np.ndarray, p: np.ndarray, samples: list[Sample], frames: Frames,
-                values: dict[str, np.ndarray]) -> None:
-        """Rows of results.csv (per fold) and images.csv (per image) for one evaluated split."""
+    def _results_rows(self, split: str, labels: np.ndarray, p: np.ndarray, values: dict[str, np.ndarray],
+                      p_lungs_removed: np.ndarray | None = None) -> None:
+        """Rows of results.csv (per fold) for one evaluated split: classification metrics, the
+        mean of each per-image metric over the images where it is defined, and (with occluded
+        copies) ``lungs_removed_auc``, the ROC AUC of p on the lung-filled copies (Maguolo & Nanni,
+        Information Fusion 2021: a model that still separates the classes without lungs reads
+        something else)."""
         spec, fold, result = self.spec, self.result.fold, self.result
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -173,6 +217,14 @@ class _Evaluation:
             finite = per_image[np.isfinite(per_image)]
             value = float(finite.mean()) if len(finite) else float("nan")
             result.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": value})
+        if p_lungs_removed is not None:
+            result.results_rows.append({**grid, "split": split, "fold": fold, "metric": "lungs_removed_auc",
+                                        "value": lungs_removed_auc_value(p_lungs_removed, labels)})
+
+    def _image_rows(self, split: str, labels: np.ndarray, p: np.ndarray, samples: list[Sample], frames: Frames,
+                    values: dict[str, np.ndarray], p_lungs_removed: np.ndarray | None = None) -> None:
+        """Rows of images.csv, one per evaluated image."""
+        spec, fold, result = self.spec, self.result.fold, self.result
         class_names = spec.task.class_names
         prediction = (p > THRESHOLD).astype(int)
         has_artifact = frames.artifact_footprint.reshape(len(p), -1).any(axis=1)
@@ -187,6 +239,7 @@ class _Evaluation:
                 "has_artifact": bool(has_artifact[i]), "artifact_status": str(frames.artifact_status[i]),
                 "border_in_view": bool(border_in_view[i]),
                 **{metric: float(per_image[i]) for metric, per_image in values.items()},
+                **({} if p_lungs_removed is None else {"p_lungs_removed": float(p_lungs_removed[i])}),
             })
 
     def _gallery_candidates(self, lung_mass, p, heatmaps, frames: Frames, labels, samples: list[Sample]) -> None:
@@ -194,8 +247,10 @@ class _Evaluation:
         if not len(finite) or not self.context.protocol.report.gallery_per_model:
             return
         for kind, index in (("best", finite[np.argmax(lung_mass[finite])]), ("worst", finite[np.argmin(lung_mass[finite])])):
-            self.result.gallery[kind] = GalleryCandidate(
+            candidate = GalleryCandidate(
                 float(lung_mass[index]), self.result.fold, samples[index].sample_id,
                 self.spec.task.class_names[labels[index]], float(p[index]), frames.images[index].copy(),
                 heatmaps[index].copy(), frames.lungs[index].copy(), frames.artifacts[index].copy(),
             )
+            if candidate.beats(self.result.gallery.get(kind), kind):  # chunks in order: ties keep the first
+                self.result.gallery[kind] = candidate

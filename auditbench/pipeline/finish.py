@@ -47,6 +47,8 @@ class RunState:
     pass_warnings: Counter = field(default_factory=Counter)
     cells_reused: int = 0
     extra: dict = field(default_factory=dict)  # e.g. the feature store's counts
+    # What the checkpoints in models/ are; `auditbench audit` says what it loaded instead.
+    models_note: str = "Checkpoints are the models trained on fold 0; metrics are over all folds."
 
 
 def finish_run(state: RunState) -> dict:
@@ -58,7 +60,8 @@ def finish_run(state: RunState) -> dict:
         results = add_accuracy_drop(pd.DataFrame(results_rows))
         images = pd.DataFrame(image_rows)
         grid = pd.DataFrame([s.grid_row() for s in state.plan.specs])
-        models = aggregate_models(results, images, grid, protocol.training.folds, cam_geometry,
+        n_folds = max(len(inputs.folds) for inputs in state.plan.task_inputs)  # an audit has one
+        models = aggregate_models(results, images, grid, n_folds, cam_geometry,
                                   protocol.metrics.bootstrap, protocol.seed)
         rule = SelectionRule(
             primary=protocol.selection.primary,
@@ -196,7 +199,7 @@ def _summary(state: RunState, selected_id: str | None, rule: SelectionRule, note
                 f"{split}: for {count} of {evaluated[split]} image evaluations (all models and folds) "
                 f"{UNDEFINED_CAUSES[cause]}; their attention metrics are NaN and left out of the means (images.csv)."
             )
-    notes.append("Checkpoints are the models trained on fold 0; metrics are over all folds.")
+    notes.append(state.models_note)
     versions = package_versions()
     return {
         "name": protocol.name,

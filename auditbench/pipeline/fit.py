@@ -27,31 +27,35 @@ def fit_cell(protocol: Protocol, accelerator: Accelerator, spec: ModelSpec, inpu
     torch.manual_seed(seed)
     head = Head(inputs.backbone.num_features, spec.hidden, protocol.models.dropout, num_classes=2)
     train_index = fold.train
-    pooled = inputs.train_features.pooled[train_index]
+    pooled = inputs.train.pooled[train_index]
     labels = data.labels[train_index]
-    frames = inputs.train_frames.images[train_index]
     frame_labels = labels
+    in_fold = None
     if spec.augment and inputs.augmented_source is not None:
         in_fold = np.isin(inputs.augmented_source, train_index)
-        pooled = torch.cat([pooled, inputs.augmented_features.pooled[in_fold]])
+        pooled = torch.cat([pooled, inputs.augmented.pooled[in_fold]])
         labels = np.concatenate([labels, data.labels[inputs.augmented_source[in_fold]]])
         if training.augment_mode == "minority_once":
-            frames = np.concatenate([frames, inputs.augmented_frames.images[in_fold]])
             frame_labels = labels
     y = torch.as_tensor(labels, dtype=torch.long)
-    val_pooled = inputs.train_features.pooled[fold.validation]
+    val_pooled = inputs.train.pooled[fold.validation]
     val_y = torch.as_tensor(data.labels[fold.validation], dtype=torch.long)
     with clock.stage("train_head"):
         train_head(head, pooled, y, val_pooled, val_y, training.head, training.batch_size, seed)
     if not spec.finetune:
         return ModelFold(Classifier(inputs.backbone, head), frozen=True)
+    # Fine-tuning reads its fold's training frames (images only, no masks): the one step whose
+    # memory grows with the data, by 4 bytes per pixel of the training images.
+    frames = inputs.train.images(train_index)
+    if in_fold is not None and training.augment_mode == "minority_once":
+        frames = np.concatenate([frames, inputs.augmented.images(np.flatnonzero(in_fold))])
     model = Classifier(copy.deepcopy(inputs.backbone), head)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     augment_fn = augment_frames if spec.augment and training.augment_mode == "online" else None
     with clock.stage("finetune"):
         finetune(
-            model, frames, frame_labels, inputs.train_frames.images[fold.validation], data.labels[fold.validation],
+            model, frames, frame_labels, inputs.train.images(fold.validation), data.labels[fold.validation],
             inputs.mean, inputs.std, training.finetune_phase, training.batch_size, seed, accelerator, augment_fn,
         )
     for parameter in model.parameters():

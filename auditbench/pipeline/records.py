@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from auditbench.audit.occlusion import OccludedImages
+from auditbench.audit.occlusion import OCCLUSION_REGIONS, OccludedImages
 from auditbench.data.prepare import Frames, TaskData
 from auditbench.data.splits import Fold
 from auditbench.data.transforms import FrameSpec
@@ -18,7 +18,7 @@ from auditbench.models.backbones import FeatureBackbone
 from auditbench.models.classifier import Classifier
 from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.schema import TaskSpec
-from auditbench.training.features import CachedFeatures
+from auditbench.pipeline.store import FRAME_FIELDS, FeatureStore
 
 # Synthetic data only: the internal test images redrawn with the training shortcut strength.
 TRAIN_DISTRIBUTION_SPLIT = "train_distribution"
@@ -97,14 +97,54 @@ class GroupPlan:
 @dataclass
 class Occlusion:
     """Occluded copies of a set of frames, with their pooled backbone features: a frozen model's
-    occlusion effects then need only its head."""
+    occlusion effects then need only its head (and not the images)."""
 
     images: OccludedImages
     pooled: dict[str, torch.Tensor]
 
-    def subset(self, index: np.ndarray) -> "Occlusion":
-        images = self.images.subset(index)
-        return Occlusion(images, {r: self.pooled[r][torch.as_tensor(images.parent_rows[r])] for r in self.pooled})
+
+@dataclass
+class ViewPass:
+    """One view (a list of samples) through one backbone pass. Pooled features and each image's
+    artifact status stay in memory; frames, feature maps and occluded copies are read from the
+    store by rows, a batch at a time."""
+
+    store: FeatureStore
+    keys: list[str]
+    pooled: torch.Tensor  # (N, C) float32
+    artifact_status: np.ndarray  # (N,) str
+    has_maps: bool
+    has_occlusion: bool
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _keys(self, rows: np.ndarray) -> list[str]:
+        return [self.keys[i] for i in rows]
+
+    def frames(self, rows: np.ndarray) -> Frames:
+        keys = self._keys(rows)
+        return Frames(*(self.store.gather(keys, name) for name in FRAME_FIELDS))
+
+    def images(self, rows: np.ndarray) -> np.ndarray:
+        return self.store.gather(self._keys(rows), "images")
+
+    def maps(self, rows: np.ndarray) -> torch.Tensor | None:
+        return torch.from_numpy(self.store.gather(self._keys(rows), "maps")) if self.has_maps else None
+
+    def occlusion(self, rows: np.ndarray, with_images: bool) -> Occlusion | None:
+        """The occluded copies of ``rows`` (renumbered 0..len-1); their images only when asked."""
+        if not self.has_occlusion:
+            return None
+        keys, indices, filled, pooled = self._keys(rows), {}, {}, {}
+        for region in OCCLUSION_REGIONS:
+            positions, images, features = self.store.gather_occluded(keys, region, with_images)
+            indices[region] = positions
+            filled[region] = images if images is not None else np.empty((len(positions), 0, 0), np.float32)
+            if not len(positions):  # no image of these rows has the region in view
+                features = np.empty((0, self.pooled.shape[1]), np.float32)
+            pooled[region] = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        return Occlusion(OccludedImages(len(rows), indices, filled), pooled)
 
 
 @dataclass
@@ -115,17 +155,12 @@ class GroupInputs:
     frame: FrameSpec
     mean: tuple
     std: tuple
-    train_frames: Frames
-    test_frames: Frames
-    train_features: CachedFeatures
-    test_features: CachedFeatures
-    augmented_frames: Frames | None
-    augmented_features: CachedFeatures | None
-    augmented_source: np.ndarray | None  # index into train view of each augmented copy
-    external: dict[str, tuple[Frames, CachedFeatures, Occlusion | None]]
-    test_occlusion: Occlusion | None
-    clean_frames: Frames | None = None  # synthetic: the test images' clean twins
-    clean_features: CachedFeatures | None = None
+    train: ViewPass
+    test: ViewPass
+    augmented: ViewPass | None
+    augmented_source: np.ndarray | None  # index into the train view of each augmented copy
+    external: dict[str, ViewPass]
+    clean: ViewPass | None = None  # synthetic: the test images' clean twins
 
 
 # ----- fitting and evaluation -------------------------------------------------------------------

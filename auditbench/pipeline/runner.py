@@ -6,6 +6,7 @@ explain, audit; each journalled as it finishes) -> finish (aggregate, validate, 
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,6 +32,9 @@ from auditbench.protocol.schema import Protocol
 from auditbench.training.device import Accelerator, select_accelerator
 
 
+STORE_DIR = "store"  # the run's own feature store (without --cache), inside its staging folder
+
+
 class Runner:
     """Runs one protocol into one (staging) output folder; resumes from the folder's journal."""
 
@@ -47,7 +51,9 @@ class Runner:
         self.specs = expand_grid(protocol)
         self.cache_dir = cache_dir
         self.executor = executor or make_executor("local")
-        self.pass_factory = PassFactory(protocol, self.accelerator, cache_dir)
+        # Without --cache the store is working state of this run (and of its resumption).
+        self.store_folder = Path(cache_dir) if cache_dir is not None else out_dir / STORE_DIR
+        self.pass_factory = PassFactory(protocol, self.accelerator, self.store_folder)
         self.cells_finished = 0
         check_registered_names(protocol)
         self.cam = resolve_method(protocol.explain.method)
@@ -86,6 +92,8 @@ class Runner:
         cells = [done.get(key) or computed[key] for group in plan.groups
                  for key in (CellKey(spec.model_id, fold.index) for spec, fold in group.cells)]
         journal.remove()  # working state, not an output: gone before the manifest is built
+        if self.cache_dir is None:
+            shutil.rmtree(self.store_folder, ignore_errors=True)
         self.clock.merge(self.pass_factory.clock.seconds)
         extra = {"executor": self.executor.name}
         if self.cache_dir is not None:

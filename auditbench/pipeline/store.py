@@ -1,4 +1,5 @@
-"""The content-addressed store of backbone passes.
+"""The content-addressed store of backbone passes, on disk in chunks, so a run's memory is bounded
+by its batch, not its data.
 
 An entry is one image in one model frame through one backbone: its frame and regions, pooled
 features, last feature map and occluded copies. Its address is the image's :func:`content_key`
@@ -7,9 +8,11 @@ depend on: backbone, weights (a weights file by its sha256; random init by its s
 border band, device and precision, and the versions of auditbench, torch and timm. An entry
 therefore never serves a pass it does not equal.
 
-Entries live in memory for the run; with a folder (``auditbench run --cache DIR``) they are also
-written to disk, one ``.npz`` per entry (no pickle), written atomically, so a second run -- or
-a resumed one -- on the same images reads them instead of running the backbone again.
+Entries are written in chunks of up to :data:`CHUNK` images: one folder of ``.npy`` arrays per
+chunk (no pickle), made in a temporary folder and renamed into place, so a reader -- a resumed run,
+another worker, a later run with the same ``--cache`` -- sees a whole chunk or none. Readers map a
+chunk, copy the rows they need and let it go: only pooled features (a few KB per image) stay in
+memory. Without ``--cache`` the store lives in the run's staging folder and goes when the run ends.
 """
 from __future__ import annotations
 
@@ -17,30 +20,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from auditbench.audit.occlusion import OCCLUSION_REGIONS
 from auditbench.data.prepare import Frames
 from auditbench.data.transforms import FrameSpec
 
-STORE_FORMAT = 1  # bump when an entry's layout or meaning changes
-
-
-@dataclass
-class CachedSample:
-    frames: Frames  # this one image
-    pooled: torch.Tensor  # (1, C)
-    feature_map: torch.Tensor | None  # (1, C, h, w)
-    occluded: dict[str, tuple[np.ndarray, torch.Tensor]] | None  # region -> (filled image, pooled (1, C))
-
-    def covers(self, keep_maps: bool, occlusion: bool) -> bool:
-        return (not keep_maps or self.feature_map is not None) and (not occlusion or self.occluded is not None)
+STORE_FORMAT = 2  # bump when a chunk's layout or meaning changes
+CHUNK = 256  # images per chunk: the unit of writing and of memory while computing
+FRAME_FIELDS = [f.name for f in dataclasses.fields(Frames)]
 
 
 def store_namespace(backbone: str, weights: str, init_seed: int, frame: FrameSpec, border_fraction: float,
@@ -67,69 +60,120 @@ def store_namespace(backbone: str, weights: str, init_seed: int, frame: FrameSpe
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
+@dataclasses.dataclass(frozen=True)
+class Location:
+    chunk: str
+    row: int
+    has_maps: bool
+    has_occlusion: bool
+
+    def covers(self, maps: bool, occlusion: bool) -> bool:
+        return (self.has_maps or not maps) and (self.has_occlusion or not occlusion)
+
+
 class FeatureStore:
-    """Entries by content key: in memory, and on disk under ``folder/namespace`` when a folder is given."""
+    """Entries by content key in chunk folders under ``folder/namespace``."""
 
-    def __init__(self, folder: Path | None = None, namespace: str = ""):
-        self.folder = Path(folder) / namespace if folder is not None else None
-        self._memory: dict[str, CachedSample] = {}
-        self.read_from_disk = 0
-        self.written_to_disk = 0
+    def __init__(self, folder: Path, namespace: str):
+        self.folder = Path(folder) / namespace
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, Location] = {}
+        self.chunks_read = 0  # chunks found on disk when opened (a --cache of earlier runs)
+        self.entries_read = 0
+        self.entries_written = 0
+        for chunk in sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            self._add_to_index(chunk.name)
+            self.chunks_read += 1
+        self._preexisting = set(self.index)
 
-    def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npz"
+    def _add_to_index(self, chunk: str) -> None:
+        meta = json.loads((self.folder / chunk / "meta.json").read_text(encoding="utf-8"))
+        for row, key in enumerate(meta["keys"]):
+            held = self.index.get(key)
+            location = Location(chunk, row, meta["maps"], meta["occlusion"])
+            # A chunk with more (maps, occlusion) supersedes one with less.
+            if held is None or (location.has_maps >= held.has_maps and location.has_occlusion >= held.has_occlusion):
+                self.index[key] = location
 
-    def get(self, key: str) -> CachedSample | None:
-        entry = self._memory.get(key)
-        if entry is None and self.folder is not None and self._path(key).is_file():
-            entry = self._memory[key] = _read_entry(self._path(key))
-            self.read_from_disk += 1
-        return entry
+    def missing(self, keys: list[str], maps: bool, occlusion: bool) -> list[str]:
+        """Keys without an entry covering what is asked (each once, in order)."""
+        return list(dict.fromkeys(k for k in keys if k not in self.index or not self.index[k].covers(maps, occlusion)))
 
-    def has(self, key: str, keep_maps: bool, occlusion: bool) -> bool:
-        entry = self.get(key)
-        return entry is not None and entry.covers(keep_maps, occlusion)
+    def note_reads(self, keys: list[str]) -> None:
+        self.entries_read += len(set(keys) & self._preexisting)
+        self._preexisting -= set(keys)
 
-    def put(self, key: str, entry: CachedSample) -> None:
-        self._memory[key] = entry
-        if self.folder is not None:
-            _write_entry(self._path(key), entry)
-            self.written_to_disk += 1
+    # ----- writing ----------------------------------------------------------------------------
 
+    def write_chunk(self, keys: list[str], frames: Frames, pooled: torch.Tensor, maps: torch.Tensor | None,
+                    occluded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None) -> None:
+        """One chunk: ``occluded[region] = (rows, filled images, pooled features)`` of its images that
+        have the region in view."""
+        name = hashlib.sha256("\0".join(keys).encode() + bytes([maps is not None, occluded is not None])).hexdigest()[:24]
+        temporary = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".{name}."))
+        try:
+            for field in FRAME_FIELDS:
+                values = getattr(frames, field)
+                np.save(temporary / f"{field}.npy", values.astype(str) if field == "artifact_status" else values)
+            np.save(temporary / "pooled.npy", pooled.numpy())
+            if maps is not None:
+                np.save(temporary / "maps.npy", maps.numpy())
+            for region, (rows, images, region_pooled) in (occluded or {}).items():
+                np.save(temporary / f"occluded_{region}_rows.npy", rows)
+                np.save(temporary / f"occluded_{region}_images.npy", images)
+                np.save(temporary / f"occluded_{region}_pooled.npy", region_pooled)
+            meta = {"format": STORE_FORMAT, "keys": keys, "maps": maps is not None, "occlusion": occluded is not None}
+            (temporary / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+            try:
+                os.rename(temporary, self.folder / name)
+            except OSError:  # the same chunk written by another worker: theirs is equal
+                shutil.rmtree(temporary, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        self._add_to_index(name)
+        self.entries_written += len(keys)
 
-_FRAME_FIELDS = [f.name for f in dataclasses.fields(Frames)]
+    # ----- reading ----------------------------------------------------------------------------
 
+    def _by_chunk(self, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """chunk -> (positions in ``keys``, rows in the chunk)."""
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for position, key in enumerate(keys):
+            location = self.index[key]
+            groups.setdefault(location.chunk, []).append((position, location.row))
+        return {chunk: tuple(np.array(v, dtype=np.int64) for v in zip(*pairs)) for chunk, pairs in groups.items()}
 
-def _write_entry(path: Path, entry: CachedSample) -> None:
-    arrays = {f"frame_{name}": getattr(entry.frames, name) for name in _FRAME_FIELDS}
-    arrays["frame_artifact_status"] = arrays["frame_artifact_status"].astype(str)
-    arrays["pooled"] = entry.pooled.numpy()
-    if entry.feature_map is not None:
-        arrays["feature_map"] = entry.feature_map.numpy()
-    for region, (image, pooled) in (entry.occluded or {}).items():
-        arrays[f"occluded_{region}_image"] = image
-        arrays[f"occluded_{region}_pooled"] = pooled.numpy()
-    arrays["has_occlusion"] = np.array(entry.occluded is not None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: a reader (a resumed run, a second worker) sees the whole entry or none.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    def gather(self, keys: list[str], array: str) -> np.ndarray:
+        """Rows of one array (a frame field, ``pooled`` or ``maps``) for ``keys``, in order."""
+        out = None
+        for chunk, (positions, rows) in self._by_chunk(keys).items():
+            values = np.load(self.folder / chunk / f"{array}.npy", mmap_mode="r")
+            if out is None:
+                out = np.empty((len(keys), *values.shape[1:]), dtype=values.dtype)
+            out[positions] = values[rows]
+            del values  # unmapped: only the rows asked for stay in memory
+        if out is None:
+            raise ValueError("gather of no keys")
+        return out
 
-
-def _read_entry(path: Path) -> CachedSample:
-    with np.load(path, allow_pickle=False) as data:
-        frames = Frames(*(data[f"frame_{name}"] for name in _FRAME_FIELDS))
-        occluded = None
-        if bool(data["has_occlusion"]):
-            occluded = {
-                region: (data[f"occluded_{region}_image"], torch.from_numpy(data[f"occluded_{region}_pooled"]))
-                for region in OCCLUSION_REGIONS if f"occluded_{region}_image" in data.files
-            }
-        feature_map = torch.from_numpy(data["feature_map"]) if "feature_map" in data.files else None
-        return CachedSample(frames, torch.from_numpy(data["pooled"]), feature_map, occluded)
+    def gather_occluded(self, keys: list[str], region: str, with_images: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(positions in ``keys`` that have the region, their filled images or None, pooled features)."""
+        positions, images, pooled = [], [], []
+        for chunk, (chunk_positions, rows) in self._by_chunk(keys).items():
+            folder = self.folder / chunk
+            held_rows = np.load(folder / f"occluded_{region}_rows.npy")
+            where = {row: i for i, row in enumerate(held_rows)}
+            take = [(p, where[r]) for p, r in zip(chunk_positions, rows) if r in where]
+            if not take:
+                continue
+            position, local = (np.array(v, dtype=np.int64) for v in zip(*take))
+            positions.append(position)
+            pooled.append(np.load(folder / f"occluded_{region}_pooled.npy", mmap_mode="r")[local])
+            if with_images:
+                images.append(np.load(folder / f"occluded_{region}_images.npy", mmap_mode="r")[local])
+        if not positions:
+            return np.empty(0, np.int64), None, np.empty((0, 0), np.float32)
+        order = np.argsort(np.concatenate(positions), kind="stable")
+        return (np.concatenate(positions)[order], np.concatenate(images)[order] if with_images else None,
+                np.concatenate(pooled)[order])

@@ -44,6 +44,21 @@ LIMITATIONS = [
 ]
 
 
+AUDIT_INTENDED_USE = ("Research audit of shortcut learning and explainability in a chest X-ray classifier trained "
+                      "elsewhere and scored by `auditbench audit`. Not a medical device: not for diagnosis, triage, "
+                      "screening or any other clinical decision.")
+AUDIT_METRICS_LIMITATION = ("Metrics are from one evaluation on every image of the audit's data (no folds: the "
+                            "model was not trained here); brackets are 95% patient-level bootstrap intervals.")
+
+
+def _use_and_limits(summary: dict) -> tuple[str, list[str]]:
+    """A run trained and scored the model; an audit only scored it (summary.json ``mode``)."""
+    if summary.get("mode") != "audit":
+        return INTENDED_USE, LIMITATIONS
+    return AUDIT_INTENDED_USE, [AUDIT_METRICS_LIMITATION if "cross-validation" in text else text.replace(
+        "Trained and tested only on", "Tested here only on") for text in LIMITATIONS]
+
+
 def build_model_card(tables: ResultTables) -> dict[str, Any]:
     """The card as JSON-ready data (numbers as numbers, undefined as None, text unescaped)."""
     row, selected = card_model(tables)
@@ -61,8 +76,8 @@ def build_model_card(tables: ResultTables) -> dict[str, Any]:
         "configuration": {c: row[c] for c in tables.grid_columns if c != "model_id"},
         "model_frame": {c: row.get(c) for c in ("input_size", "frame", "cam_layer", "cam_map_size", "cam_stride")
                         if c in row.index},
-        "intended_use": INTENDED_USE,
-        "limitations": LIMITATIONS,
+        "intended_use": _use_and_limits(tables.summary or {})[0],
+        "limitations": _use_and_limits(tables.summary or {})[1],
         "data": _data(tables, model_id),
         "selection": {
             "primary": rule.get("primary"),

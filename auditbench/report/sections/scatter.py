@@ -74,7 +74,8 @@ def scatter(tables: ResultTables, models: pd.DataFrame, directions: dict[str, bo
     # Along the front, sorted from worst to best x, each step holds x and drops y to the next point's
     # level: the boundary of the region the front dominates, whatever each axis's direction.
     sx, sy = (1 if directions.get(name, True) else -1 for name in (x_name, y_name))
-    front = models.assign(_x=x, _y=y, _gx=sx * x, _gy=sy * y)[shown & as_bool(models["pareto"])]
+    # copy(): models.csv read back has hundreds of columns; assign on a fragmented frame warns.
+    front = models.copy().assign(_x=x, _y=y, _gx=sx * x, _gy=sy * y)[shown & as_bool(models["pareto"])]
     front = front.sort_values(["_gx", "_gy"], ascending=[True, False])
     path = ""
     for k, (fx, fy) in enumerate(zip(front["_x"], front["_y"])):
