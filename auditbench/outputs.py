@@ -48,7 +48,7 @@ YAML_HEADER = "# auditbench run {run_id}; protocol_sha256 {digest} (sha256 of th
 # wrote there: deleted by name when such a run is replaced.
 RUN_FILES = {
     "protocol.resolved.yaml", "results.csv", "models.csv", "images.csv", "validation.csv", "skipped.csv",
-    "gallery.csv", "summary.json", "report.html", "model_card.md", "model_card.json",
+    "gallery.csv", "summary.json", "report.html", "model_card.md", "model_card.json", "sanity.csv",
 }
 LEGACY_CHECKPOINT_FILES = {"weights.safetensors", "config.json"}
 

@@ -63,6 +63,60 @@ def test_lungs_removed_auc_is_the_auc_of_the_lung_filled_copies(tiny_run):
     assert {"lungs_removed_auc_mean", "lungs_removed_auc_ci_low", "lungs_removed_auc_ci_high"} <= set(models)
 
 
+def test_sanity_checks_run_once_per_backbone_and_mark_its_models(tiny_run):
+    """One backbone: one model's fold 0 carries the cascade (head first, then the backbone's stages
+    from the top, then the stem) and the label-shuffle test; every model of that backbone carries
+    the cascade's verdict in models.csv."""
+    sanity = pd.read_csv(tiny_run / "sanity.csv", keep_default_na=False)
+    assert sanity["model_id"].nunique() == 1 and set(sanity["backbone"]) == {"resnet10t"}
+    cascade = sanity[sanity["test"] == "cascading_randomisation"]
+    assert cascade["step"].tolist() == list(range(len(cascade)))
+    assert cascade["unit"].iloc[:2].tolist() == ["head.fc2", "head.fc1"]
+    assert cascade["unit"].iloc[-1] == "backbone.conv1+bn1"  # the stem last
+    assert (cascade["verdict"].iloc[:-1] == "").all() and cascade["verdict"].iloc[-1] in ("pass", "fail", "undefined")
+    assert sanity[sanity["test"] == "label_shuffle"]["verdict"].isin(["pass", "fail", "undefined"]).all()
+    assert (sanity["n_images"] == 16).all()
+    models = pd.read_csv(tiny_run / "models.csv")
+    assert (models["explanation_sanity"] == cascade["verdict"].iloc[-1]).all()
+
+
+def test_gallery_shows_each_models_most_confident_decisions(tiny_run):
+    """gallery.csv holds, per model, the most confident internal tp / fp / fn / tn wherever the model
+    made such a decision (recomputed here from images.csv, whose rows are in plan order: ties go
+    to the first), best / worst lung_mass where a map had any, and a PNG for every row."""
+    from auditbench.report.tables import read_tables
+
+    tables = read_tables(tiny_run)
+    internal, gallery = tables.images[tables.images["split"] == "internal"], tables.gallery
+    seen = set()
+    for model_id, part in internal.groupby("model_id", sort=False):
+        called, positive = part["p_positive"] > 0.5, part["label_index"] == 1
+        decisions = {"tp": called & positive, "fp": called & ~positive, "fn": ~called & positive, "tn": ~called & ~positive}
+        shown = gallery[(gallery["model_id"] == model_id) & (gallery["split"] == "internal")]
+        lung_mass = part["lung_mass"].dropna()  # blank where the map was all zero (random-init frozen models)
+        for kind, value in (("best", lung_mass.max()), ("worst", lung_mass.min())):
+            assert list(shown.loc[shown["kind"] == kind, "lung_mass"]) == ([value] if len(lung_mass) else [])
+        for kind, made in decisions.items():
+            rows = shown[shown["kind"] == kind]
+            if not made.any():
+                assert rows.empty, (model_id, kind)
+                continue
+            confidence = part["p_positive"] if kind in ("tp", "fp") else 1 - part["p_positive"]
+            expected = part[made & (confidence == confidence[made].max())].iloc[0]
+            (row,) = rows.to_dict("records")
+            assert (row["sample_id"], row["fold"], row["p_positive"]) == (
+                expected["sample_id"], expected["fold"], expected["p_positive"]), (model_id, kind)
+            assert (row["label"], row["prediction"]) == (expected["label"], expected["prediction"])
+            seen.add(kind)
+    assert seen == {"tp", "fp", "fn", "tn"}  # near-chance tiny models make every kind of decision
+    assert set(gallery["split"]) == {"internal"}  # synthetic data has no external set
+    for file in gallery["file"]:
+        assert (tiny_run / file).is_file(), file
+    html = (tiny_run / "report.html").read_text()
+    section = html[html.index('id="decisions"'):html.index('id="gallery"')]
+    assert section.count('class="gallery-model decision-model"') == 4 and "true positive" in section
+
+
 def test_validate_prints_the_grid():
     result = runner.invoke(app, ["validate", str(REPO / "protocols" / "quick.yaml")])
     assert result.exit_code == 0, result.output

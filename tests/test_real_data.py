@@ -54,6 +54,27 @@ def test_real_run_reports_masks_crop_and_external(real_run):
     assert "adult-normal" in html and "predicted" in html
 
 
+def test_gallery_shows_the_most_confident_errors_on_the_external_set(real_run):
+    """Healthy adults called COVID: per model its (at most 2) most confident false positives on the
+    external set, each image once over the folds, with their overlays."""
+    from auditbench.report.tables import read_tables
+
+    tables = read_tables(real_run)
+    external = tables.images[tables.images["split"] == "adult-normal"]
+    shown = tables.gallery[tables.gallery["split"] == "adult-normal"]
+    assert set(shown["kind"]) <= {"fp"}  # one class only: no false negative can exist
+    for model_id, part in external.groupby("model_id"):
+        wrong = part[~part["correct"]]
+        # Per image the most confident fold; ties keep the earlier (images.csv is in plan order).
+        expected = wrong.sort_values("p_positive", ascending=False, kind="stable").drop_duplicates("sample_id")
+        rows = shown[shown["model_id"] == model_id]
+        assert list(rows["sample_id"]) == list(expected["sample_id"][:2]), model_id
+        assert list(rows["p_positive"]) == list(expected["p_positive"][:2])
+    assert len(shown), "no model called a healthy adult COVID: the check above tested nothing"
+    for file in shown["file"]:
+        assert (real_run / file).is_file()
+
+
 def test_data_check_prints_counts(shared_data):
     result = runner.invoke(app, ["data", "check", str(shared_data / "ieee8023-covid-chestxray"), "--dataset", "ieee8023"])
     assert result.exit_code == 0, result.output

@@ -72,9 +72,17 @@ def make_tables() -> ResultTables:
                     "correct": predicted == index, "mask_source": mask_source, "has_artifact": False,
                     "artifact_status": "absent", "border_in_view": not crop, "lung_mass": 0.6, "artifact_mass": math.nan,
                 })
-        for kind, lung_mass in (("best", 0.9), ("worst", 0.1)):
-            gallery.append({"model_id": model_id, "sample_id": XSS, "fold": 0, "kind": kind, "lung_mass": lung_mass,
-                            "p_positive": 0.7, "label": "covid", "file": f"gallery/{model_id}_{kind}.png"})
+        # As a run writes it: best / worst lung_mass, the internal decisions that occur (a true positive
+        # and a true negative) and the external set's one error, a false positive.
+        for split, kind, sample_id, label, prediction, p, lung_mass in (
+            ("internal", "best", XSS, "covid", "covid", 0.7, 0.9), ("internal", "worst", XSS, "covid", "covid", 0.7, 0.1),
+            ("internal", "tp", XSS, "covid", "covid", 0.7, 0.6), ("internal", "tn", "NA", "normal", "normal", 0.2, 0.6),
+            ("ext_normal", "fp", "ext-1", "normal", "covid", 0.7, 0.6),
+        ):
+            file = f"gallery/{model_id}_{kind}.png" if split == "internal" else f"gallery/{model_id}__{split}__{kind}1.png"
+            gallery.append({"model_id": model_id, "sample_id": sample_id, "fold": 0, "split": split, "kind": kind,
+                            "label": label, "prediction": prediction, "p_positive": p, "lung_mass": lung_mass,
+                            "file": file})
     def validation_row(metric, higher, kind, frame, n, means, auroc, auroc_ci, spearman, spearman_ci, separates):
         return {"metric": metric, "higher_is_better": higher, "kind": kind, "frame": frame, "n_models": sum(n),
                 "n_relying": n[0], "n_not_relying": n[1], "mean_relying": means[0], "mean_not_relying": means[1],
@@ -186,7 +194,8 @@ def test_report_is_self_contained_and_escapes_data(run_dir):
     assert "quick &lt;demo&gt;" in html
     assert "http://" not in html and "https://" not in html
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", html)  # only data URIs and anchors
-    assert html.count('src="data:image/png;base64,') == 6 + 1  # 3 models x best/worst + colour bar
+    # 3 models x (best/worst, decisions tp/tn, external fp) + colour bar
+    assert html.count('src="data:image/png;base64,') == 3 * (2 + 2 + 1) + 1
 
 
 def test_report_content(run_dir):
@@ -226,7 +235,7 @@ def test_report_content(run_dir):
     assert "does not separate (CI reaches 0.5)" in per_frame and "cannot tell" in per_frame
     external = html[html.index('id="external"'):html.index('id="confusion"')]
     assert "ext_normal" in external and "covid 100% · normal 0%" in external and "-0.550" in external
-    confusion = html[html.index('id="confusion"'):html.index('id="gallery"')]
+    confusion = html[html.index('id="confusion"'):html.index('id="decisions"')]
     assert '<td class="diag">8</td>' in confusion and "<td>2</td>" in confusion
     assert "lung_mass = 0.900" in html and "for display only" in html
     data = html[html.index('id="data"'):]

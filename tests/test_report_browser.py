@@ -20,7 +20,9 @@ from auditbench.report.tables import write_tables
 
 ARTIFACTS_ENV = "AUDITBENCH_TEST_ARTIFACTS"
 REQUIRE_ENV = "AUDITBENCH_REQUIRE_BROWSER"
-N_IMAGES = 3 * 2 + 1  # best and worst gallery overlay per model, and the colour bar
+# Per model: best and worst lung_mass, the internal true positive and true negative, the external
+# false positive; and the colour bar.
+N_IMAGES = 3 * (2 + 2 + 1) + 1
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,20 @@ def test_findings_box_is_the_first_section_and_in_view(page):
     assert box["top"] < box["viewport"] and box["height"] > 0  # seen without scrolling
     assert any("Selected model: r18-crop-s0." in item for item in box["items"])
     assert any("Source shortcut suspected:" in item and "'ext_normal'" in item for item in box["items"])
+
+
+def test_findings_link_lands_on_the_external_errors_of_the_selected_model(page):
+    browser, session, _ = page
+    target = browser.evaluate(session, """(() => {
+        const link = document.querySelector('#findings a[href^="#errors-"]');
+        const target = link && document.getElementById(link.getAttribute('href').slice(1));
+        return target && {inDecisions: !!target.closest('#decisions'), text: target.textContent,
+                          model: target.closest('.decision-model').querySelector('h3').textContent,
+                          images: Array.from(target.nextElementSibling.querySelectorAll('img')).map(i => i.alt)};
+    })()""")
+    assert target is not None, "no findings link to an element of the page"
+    assert target["inDecisions"] and "ext_normal" in target["text"] and target["model"].startswith("r18-crop-s0")
+    assert target["images"] == ["false positive ext-1 on ext_normal"]
 
 
 def header_centre(browser, session, table: str, name: str) -> dict:

@@ -28,7 +28,7 @@ SMALL = [
     "--set", "selection.constraints={}",
     "--set", "report.html=false",
 ]
-TABLES = ["results.csv", "models.csv", "images.csv", "gallery.csv", "skipped.csv", "validation.csv"]
+TABLES = ["results.csv", "models.csv", "images.csv", "gallery.csv", "skipped.csv", "validation.csv", "sanity.csv"]
 
 
 def _command(out: Path, *extra: str) -> list[str]:
@@ -90,7 +90,9 @@ def _stale_staging(parent: Path, protocol_sha256: str) -> Path:
     staging = parent / ".out.partial-20260101T000000Z-deadbeef"
     (staging / "cells").mkdir(parents=True)
     (staging / ".auditbench-partial").write_text(json.dumps({"run_id": "x", "pid": 1}))
-    header = {"format": 1, "protocol_sha256": protocol_sha256, "run_id": "20260101T000000Z-deadbeef"}
+    from auditbench.pipeline.journal import JOURNAL_FORMAT
+
+    header = {"format": JOURNAL_FORMAT, "protocol_sha256": protocol_sha256, "run_id": "20260101T000000Z-deadbeef"}
     (staging / "cells" / "journal.json").write_text(json.dumps(header))
     return staging
 

@@ -283,7 +283,8 @@ def run_audit(audit: AuditPlan, out_dir: Path, say: Say, overwrite: bool = False
         text, digest = protocol_yaml(dump_protocol(protocol), target.run_id)
         (target.staging / PROTOCOL_FILE).write_text(text, encoding="utf-8")
         provenance = {"run_id": target.run_id, "protocol_sha256": digest}
-        accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision)
+        accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision,
+                                         protocol.training.deterministic)
         passes, pass_warnings = _own_backbone_passes(protocol, model, accelerator, target.staging / STORE_DIR, audit.clock)
         # Trains nothing, so makes no augmented copies, whatever the model was trained with.
         inputs = passes.group_inputs(dataclasses.replace(group, specs=[dataclasses.replace(spec, augment=False)]))

@@ -22,11 +22,13 @@ from auditbench.data.records import Sample
 from auditbench.data.splits import Fold
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.pipeline.fit import fit_cell
+from auditbench.pipeline.gallery import offer_chunk
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
 from auditbench.pipeline.records import (
-    THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
+    THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellKey, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
     frame_name,
 )
+from auditbench.pipeline.sanity import sanity_rows
 from auditbench.pipeline.store import CHUNK
 from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.schema import Protocol
@@ -46,6 +48,7 @@ class CellContext:
     cam: object  # a registered explanation method (explain.cam_base)
     out_dir: Path
     provenance: dict[str, str]
+    sanity_cells: frozenset = frozenset()  # the cells that run the method's sanity checks (pipeline/sanity.py)
 
 
 def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> CellResult:
@@ -53,6 +56,12 @@ def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: T
     clock = StageClock()
     model = fit_cell(context.protocol, context.accelerator, spec, inputs, data, fold, clock)
     result = evaluate_model(context, spec, model, inputs, data, fold, clock)
+    if CellKey(spec.model_id, fold.index) in context.sanity_cells and context.protocol.sanity.images:
+        with clock.stage("sanity"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result.sanity_rows = sanity_rows(context, spec, model, inputs, data, fold)
+        for item in caught:  # e.g. constant maps: counted in summary.json, reasons in sanity.csv
+            result.warnings[f"sanity: {item.message}"] += 1
     if fold.index == 0 and context.protocol.report.save_models != "none":
         with clock.stage("save"):
             save_model(context, spec, model, inputs)
@@ -143,8 +152,8 @@ class _Evaluation:
             self._image_rows(split, chunk_labels, p, [samples[i] for i in chunk], frames, values,
                              p_lungs_removed if occlusion is not None else None)
             lungs_removed.append(p_lungs_removed)
-            if split == "internal":
-                self._gallery_candidates(values["lung_mass"], p, heatmaps, frames, chunk_labels, [samples[i] for i in chunk])
+            self._gallery_candidates(split, values["lung_mass"], p, heatmaps, frames, chunk_labels,
+                                     [samples[i] for i in chunk])
             p_all.append(p)
             for name, per_image in values.items():
                 values_all[name].append(per_image)
@@ -242,15 +251,20 @@ class _Evaluation:
                 **({} if p_lungs_removed is None else {"p_lungs_removed": float(p_lungs_removed[i])}),
             })
 
-    def _gallery_candidates(self, lung_mass, p, heatmaps, frames: Frames, labels, samples: list[Sample]) -> None:
-        finite = np.flatnonzero(np.isfinite(lung_mass))
-        if not len(finite) or not self.context.protocol.report.gallery_per_model:
+    def _gallery_candidates(self, split: str, lung_mass, p, heatmaps, frames: Frames, labels,
+                            samples: list[Sample]) -> None:
+        """Offer this chunk's images to the cell's gallery (pipeline/gallery.py: internal best / worst
+        lung_mass and most confident decisions, external errors). Chunks arrive in order and only
+        the images that enter are copied, so ties keep the first and memory stays bounded."""
+        if not self.context.protocol.report.gallery_per_model:
             return
-        for kind, index in (("best", finite[np.argmax(lung_mass[finite])]), ("worst", finite[np.argmin(lung_mass[finite])])):
-            candidate = GalleryCandidate(
-                float(lung_mass[index]), self.result.fold, samples[index].sample_id,
-                self.spec.task.class_names[labels[index]], float(p[index]), frames.images[index].copy(),
-                heatmaps[index].copy(), frames.lungs[index].copy(), frames.artifacts[index].copy(),
+        class_names, fold = self.spec.task.class_names, self.result.fold
+
+        def candidate(row: int, kind: str) -> GalleryCandidate:
+            return GalleryCandidate(
+                float(lung_mass[row]), fold, samples[row].sample_id, class_names[labels[row]], float(p[row]),
+                frames.images[row].copy(), heatmaps[row].copy(), frames.lungs[row].copy(),
+                frames.artifacts[row].copy(), split, kind, class_names[int(p[row] > THRESHOLD)],
             )
-            if candidate.beats(self.result.gallery.get(kind), kind):  # chunks in order: ties keep the first
-                self.result.gallery[kind] = candidate
+
+        offer_chunk(self.result.gallery, split, lung_mass, p, labels, candidate)

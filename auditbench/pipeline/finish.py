@@ -16,17 +16,22 @@ from auditbench.audit.metrics import METRICS
 from auditbench.audit.validation import metric_validation
 from auditbench.outputs import PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, png_with_text, write_json_atomic
 from auditbench.pipeline.findings import external_findings, runner_up_comparison
+from auditbench.pipeline.gallery import INTERNAL, merge_folds
 from auditbench.pipeline.plan import RunPlan
 from auditbench.pipeline.provenance import git_commit, package_versions
+from auditbench.pipeline.sanity import SANITY_COLUMNS, sanity_column, sanity_notes
 from auditbench.pipeline.records import CellResult, GalleryCandidate, StageClock
 from auditbench.protocol.schema import Protocol
 from auditbench.report.overlays import overlay_png
 from auditbench.report.tables import (
-    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE, write_csv,
+    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SANITY_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE,
+    write_csv,
 )
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 
-GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]
+GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
+                   "lung_mass", "file"]
+SPLIT_NAME_CHARS = 60  # of an external split's name in a gallery PNG's name
 UNDEFINED_CAUSES = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
                     "empty_lung_mask": "lung masks were empty"}
 
@@ -71,6 +76,10 @@ def finish_run(state: RunState) -> dict:
         models = rank_models(models, rule)
         selected = models.loc[models["selected"], "model_id"]
         selected_id = str(selected.iloc[0]) if len(selected) else None
+        sanity = pd.DataFrame([row for cell in state.cells for row in cell.sanity_rows], columns=SANITY_COLUMNS)
+        if len(sanity):
+            models["explanation_sanity"] = sanity_column(models, sanity)
+            notes.extend(sanity_notes(sanity))
         validation = _validation(models, protocol, notes)
         notes.extend(external_findings(results, models))
         notes.extend(runner_up_comparison(models, images, protocol))
@@ -85,6 +94,8 @@ def finish_run(state: RunState) -> dict:
                   out_dir / SKIPPED_FILE, state.provenance)
         if validation is not None:
             write_csv(validation, out_dir / VALIDATION_FILE, state.provenance)
+        if len(sanity):
+            write_csv(sanity, out_dir / SANITY_FILE, state.provenance)
         _prune_models(state, selected_id)
         summary = _summary(state, selected_id, rule, notes)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # the report reads it
@@ -108,32 +119,49 @@ def _seconds(state: RunState) -> dict[str, float]:
 
 
 def _write_gallery(state: RunState) -> list[dict]:
-    """Each model's best and worst internal image by lung_mass over its folds (ties: the earlier fold)."""
+    """Each model's gallery over its folds (pipeline/gallery.py: best and worst internal lung_mass, the
+    most confident internal tp / fp / fn / tn, the most confident errors on each external set), one
+    overlay PNG per image; ties keep the earlier fold."""
     if not state.protocol.report.gallery_per_model:
         return []
     folder = state.out_dir / "gallery"
     folder.mkdir(exist_ok=True)
-    by_model: dict[str, dict[str, GalleryCandidate]] = {}
-    for cell in state.cells:
-        chosen = by_model.setdefault(cell.model_id, {})
-        for kind, candidate in cell.gallery.items():
-            if candidate.beats(chosen.get(kind), kind):
-                chosen[kind] = candidate
-    rows = []
-    for model_id, chosen in by_model.items():
-        for kind, candidate in chosen.items():
-            file = f"{_safe_name(model_id)}__{kind}.png"
+    rows, used = [], set()
+    for model_id, chosen in merge_folds(state.cells).items():
+        ranks = Counter()
+        for candidate in chosen:
+            ranks[candidate.split, candidate.kind] += 1
+            file = _gallery_file(model_id, candidate, ranks[candidate.split, candidate.kind], used)
             png = overlay_png(candidate.image, candidate.heatmap, candidate.lung, candidate.artifact)
             (folder / file).write_bytes(png_with_text(png, {PNG_RUN_KEY: state.provenance["run_id"],
                                                             PNG_PROTOCOL_KEY: state.provenance["protocol_sha256"]}))
-            rows.append({"model_id": model_id, "sample_id": candidate.sample_id, "fold": candidate.fold, "kind": kind,
-                         "lung_mass": candidate.lung_mass, "p_positive": candidate.p_positive, "label": candidate.label,
-                         "file": f"gallery/{file}"})
+            rows.append({"model_id": model_id, "sample_id": candidate.sample_id, "fold": candidate.fold,
+                         "split": candidate.split, "kind": candidate.kind, "label": candidate.label,
+                         "prediction": candidate.prediction, "p_positive": candidate.p_positive,
+                         "lung_mass": candidate.lung_mass, "file": f"gallery/{file}"})
     return rows
 
 
+def _gallery_file(model_id: str, candidate: GalleryCandidate, rank: int, used: set[str]) -> str:
+    """A PNG name that reads as what it shows, is safe on any file system and unique in the folder
+    (also where case is not told apart): two split names can differ only in characters that
+    :func:`_safe_name` replaces, so a clash gets a counter."""
+    model, kind = _safe_name(model_id), _safe_name(candidate.kind)
+    if candidate.split == INTERNAL:
+        stem = f"{model}__{kind}"  # one image per internal kind; best / worst keep their earlier names
+    else:  # a split name may be long: the file name must stay within the file system's limit
+        stem = f"{model}__{_safe_name(candidate.split)[:SPLIT_NAME_CHARS]}__{kind}{rank}"
+    name, count = f"{stem}.png", 1
+    while name.lower() in used:
+        count += 1
+        name = f"{stem}-{count}.png"
+    used.add(name.lower())
+    return name
+
+
 def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+    """ASCII letters, digits and ``._-`` only (a non-ASCII letter may be stored in another Unicode form)."""
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in text)
 
 
 def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> pd.DataFrame | None:

@@ -22,8 +22,14 @@ from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
 
 JOURNAL_DIR = "cells"
 HEADER_FILE = "journal.json"
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2  # 2: cells carry sanity_rows
 _ARRAYS = ("image", "heatmap", "lung", "artifact")
+
+
+def _array_key(index: int, name: str) -> str:
+    """The npz key of one array of the ``index``-th gallery candidate (the record's gallery keeps its
+    order): a gallery key holds a split's name, which may hold any character, so it is not used."""
+    return f"gallery{index}_{name}"
 
 
 class CellJournal:
@@ -84,11 +90,12 @@ class CellJournal:
             "image_rows": result.image_rows, "cam_geometry": result.cam_geometry, "cam_layer": result.cam_layer,
             "warnings": dict(result.warnings), "heatmaps_evaluated": dict(result.heatmaps_evaluated),
             "undefined_heatmaps": dict(result.undefined_heatmaps), "stage_seconds": result.stage_seconds,
+            "sanity_rows": result.sanity_rows,
             "gallery": {kind: {k: v for k, v in vars(c).items() if k not in _ARRAYS} for kind, c in result.gallery.items()},
         }
         arrays = {"record": np.array(json.dumps(record))}
-        for kind, candidate in result.gallery.items():
-            arrays.update({f"{kind}_{name}": getattr(candidate, name) for name in _ARRAYS})
+        for index, candidate in enumerate(result.gallery.values()):
+            arrays.update({_array_key(index, name): getattr(candidate, name) for name in _ARRAYS})
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         _write_atomic(self._path(result.key), buffer.getvalue())
@@ -102,8 +109,8 @@ class CellJournal:
             with np.load(path, allow_pickle=False) as data:
                 record = json.loads(str(data["record"]))
                 gallery = {
-                    kind: GalleryCandidate(**meta, **{name: data[f"{kind}_{name}"] for name in _ARRAYS})
-                    for kind, meta in record["gallery"].items()
+                    key: GalleryCandidate(**meta, **{name: data[_array_key(index, name)] for name in _ARRAYS})
+                    for index, (key, meta) in enumerate(record["gallery"].items())
                 }
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -113,6 +120,7 @@ class CellJournal:
             record["model_id"], record["fold"], record["results_rows"], record["image_rows"], gallery,
             record["cam_geometry"], record["cam_layer"], Counter(record["warnings"]),
             Counter(record["heatmaps_evaluated"]), Counter(record["undefined_heatmaps"]), record["stage_seconds"],
+            record["sanity_rows"],
         )
 
 

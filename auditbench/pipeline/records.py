@@ -176,7 +176,9 @@ class ModelFold:
 
 @dataclass
 class GalleryCandidate:
-    """The image of a model's best or worst lung_mass, with what its overlay needs."""
+    """One image of a model's gallery, with what its overlay and caption need. ``kind`` says why it
+    was chosen (pipeline/gallery.py): "best" / "worst" internal lung_mass, or the decision ("tp",
+    "fp", "fn", "tn") the model made on it with the most confidence on ``split``."""
 
     lung_mass: float
     fold: int
@@ -187,12 +189,24 @@ class GalleryCandidate:
     heatmap: np.ndarray
     lung: np.ndarray
     artifact: np.ndarray
+    split: str
+    kind: str
+    prediction: str
 
-    def beats(self, other: "GalleryCandidate | None", kind: str) -> bool:
-        """Strictly better for ``kind`` ("best": higher lung_mass, "worst": lower); ties keep the earlier."""
-        if other is None:
-            return True
-        return self.lung_mass > other.lung_mass if kind == "best" else self.lung_mass < other.lung_mass
+    @staticmethod
+    def score_of(kind: str, lung_mass, p_positive):
+        """What ranks the candidates of ``kind``, larger first (floats or arrays): lung_mass for
+        "best", its negative for "worst"; for a decision the confidence in the call the model made,
+        p for a positive call (tp, fp) and 1 - p for a negative one (tn, fn)."""
+        if kind == "best":
+            return lung_mass
+        if kind == "worst":
+            return -lung_mass
+        return p_positive if kind in ("tp", "fp") else 1 - p_positive
+
+    @property
+    def score(self) -> float:
+        return self.score_of(self.kind, self.lung_mass, self.p_positive)
 
 
 @dataclass
@@ -204,13 +218,14 @@ class CellResult:
     fold: int
     results_rows: list[dict] = field(default_factory=list)
     image_rows: list[dict] = field(default_factory=list)
-    gallery: dict[str, GalleryCandidate] = field(default_factory=dict)  # "best" / "worst"
+    gallery: dict[str, GalleryCandidate] = field(default_factory=dict)  # "<split>|<kind>|<rank>" (pipeline/gallery.py)
     cam_geometry: dict = field(default_factory=dict)
     cam_layer: str = ""
     warnings: Counter = field(default_factory=Counter)
     heatmaps_evaluated: Counter = field(default_factory=Counter)  # split -> count
     undefined_heatmaps: Counter = field(default_factory=Counter)  # "split|cause" -> count
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    sanity_rows: list[dict] = field(default_factory=list)  # sanity.csv (one cell per backbone has them)
 
     @property
     def key(self) -> CellKey:

@@ -24,6 +24,7 @@ from auditbench.pipeline.journal import CellJournal
 from auditbench.pipeline.names import check_registered_names
 from auditbench.pipeline.passes import PassFactory
 from auditbench.pipeline.plan import RunPlan, plan_run
+from auditbench.pipeline.sanity import sanity_cells
 from auditbench.pipeline.provenance import git_commit
 from auditbench.pipeline.records import CellKey, CellResult, StageClock
 from auditbench.protocol.grid import expand_grid
@@ -47,7 +48,8 @@ class Runner:
         self.base_dir = base_dir
         self.console = console or Console(stderr=True)
         self.clock = StageClock()
-        self.accelerator: Accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision)
+        self.accelerator: Accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision,
+                                      protocol.training.deterministic)
         self.specs = expand_grid(protocol)
         self.cache_dir = cache_dir
         self.executor = executor or make_executor("local")
@@ -107,7 +109,8 @@ class Runner:
 
     def _compute_cells(self, plan: RunPlan, journal: CellJournal, done: dict[CellKey, CellResult]) -> dict[CellKey, CellResult]:
         computed: dict[CellKey, CellResult] = {}
-        context = CellContext(self.protocol, self.accelerator, self.cam, self.out_dir, self.provenance)
+        context = CellContext(self.protocol, self.accelerator, self.cam, self.out_dir, self.provenance,
+                              frozenset(sanity_cells(plan)))
         total, self.cells_finished = plan.n_cells, len(done)
         # A terminal gets the live bar; a log (CI, a pipe) one plain line per finished model x fold.
         plain = not self.console.is_terminal

@@ -198,6 +198,9 @@ class TrainingSpec(_Strict):
     finetune_phase: PhaseSpec = PhaseSpec(lr=1e-5, max_epochs=10, patience=3)
     device: str = "auto"
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # GPU runs: torch's deterministic algorithms (an op without one raises) and no cuDNN autotuning.
+    # CPU runs are deterministic without it.
+    deterministic: bool = False
 
     _axes = field_validator("finetune", "augment", mode="before")(_as_list)
 
@@ -222,6 +225,13 @@ class MetricsSpec(_Strict):
     border_fraction: float | None = Field(None, gt=0, lt=0.5)
     occlusion: bool = True
     bootstrap: int = Field(1000, ge=0)  # patient-level bootstrap resamples for 95% CIs (0: none)
+
+
+class SanitySpec(_Strict):
+    """Sanity checks of the explanation method, once per backbone (pipeline/sanity.py)."""
+
+    images: int = Field(16, ge=0)  # internal test images of fold 0 whose maps are compared (0: no checks)
+    granularity: Literal["stage", "block"] = "stage"  # what one cascade step re-initialises
 
 
 class ValidationSpec(_Strict):
@@ -267,6 +277,7 @@ class Protocol(_Strict):
     explain: ExplainSpec = ExplainSpec()
     metrics: MetricsSpec = MetricsSpec()
     validation: ValidationSpec = ValidationSpec()
+    sanity: SanitySpec = SanitySpec()
     selection: SelectionSpec = SelectionSpec()
     report: ReportSpec = ReportSpec()
 

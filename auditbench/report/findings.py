@@ -8,7 +8,7 @@ writer escapes them for Markdown.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -22,6 +22,7 @@ from auditbench.report.external import (
 )
 from auditbench.report.formatting import ci, fmt, fmt_int, interval, items, number, percent, text
 from auditbench.report.rule import Constraint, constraints, selection_rule, shortfall, violates
+from auditbench.report.sections.decisions import error_links
 from auditbench.report.tables import ResultTables
 
 OCCLUSION_SUFFIX = "_occlusion_effect"
@@ -35,6 +36,7 @@ class Finding:
     level: str  # "good" | "warn" | "bad" | "info": how the box colours it
     headline: str
     detail: str
+    link: str = ""  # page id of the images behind it (an external set's errors), "" where none
 
 
 def plural(count: int, noun: str) -> str:
@@ -119,6 +121,7 @@ def external_findings(tables: ResultTables) -> list[Finding]:
     models = ranked_models(tables)
     accuracy = mean_accuracy(tables.results)
     selected = tables.selected_model
+    links = error_links(tables)
     out = []
     for split in external_splits(tables):
         results = [r for r in (external_result(tables, m, split, accuracy) for m in models["model_id"]) if r]
@@ -138,7 +141,8 @@ def external_findings(tables: ResultTables) -> list[Finding]:
             grid = f" {suspected} of the {len(results)} models evaluated on it meet the same rule."
         else:
             grid = ""
-        out.append(external_finding(chosen, who, grid))
+        link = links.get((str(chosen.model_id), split), "")
+        out.append(replace(external_finding(chosen, who, grid), link=link))
     return out
 
 

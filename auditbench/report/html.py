@@ -24,6 +24,7 @@ from auditbench.report.model_card_markdown import card_markdown
 from auditbench.report.overlays import colorbar_png
 from auditbench.report.rule import directions
 from auditbench.report.sections.comparisons import confusion, crop_pairs, external, validation
+from auditbench.report.sections.decisions import decisions
 from auditbench.report.sections.gallery import data_info, gallery
 from auditbench.report.sections.header import run_info, selection_info
 from auditbench.report.sections.ranking import ranking
@@ -83,6 +84,7 @@ def build_context(tables: ResultTables) -> dict[str, Any]:
         "validation": validation(tables.validation),
         "external": external(tables, models, classes),
         "confusion": confusion(tables.results, models, classes),
+        "decisions": decisions(tables, classes),
         "gallery": gallery(tables, models),
         "data": data_info(tables),
         "colorbar": data_uri(colorbar_png()),

@@ -36,7 +36,10 @@ VALIDATION_COLUMNS = [
     "separates",
 ]
 SKIPPED_COLUMNS = ["path", "reason", "source"]
-GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "kind", "lung_mass", "p_positive", "label", "file"]
+GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
+                   "lung_mass", "file"]
+GALLERY_ADDED_COLUMNS = ["split", "prediction"]
+"""gallery.csv columns a run before the gallery of decisions lacks (its rows are internal best / worst)."""
 
 PROVENANCE_COLUMNS = ["run_id", "protocol_sha256"]
 """Last two columns of every CSV a run writes: which run wrote the row, from which resolved protocol."""
@@ -55,6 +58,7 @@ RESULTS_FILE = "results.csv"
 MODELS_FILE = "models.csv"
 IMAGES_FILE = "images.csv"
 VALIDATION_FILE = "validation.csv"
+SANITY_FILE = "sanity.csv"
 SKIPPED_FILE = "skipped.csv"
 GALLERY_FILE = "gallery.csv"
 SUMMARY_FILE = "summary.json"
@@ -63,8 +67,8 @@ GALLERY_DIR = "gallery"
 # Identifiers and names stay text: pandas would turn a sample id "NA" into NaN or "007" into 7.
 _TEXT_COLUMNS = {
     "model_id", "backbone", "weights", "task", "split", "metric", "sample_id", "source", "patient_id",
-    "path", "label", "mask_source", "violations", "not_applicable", "kind", "file", "reason", "unverified",
-    "artifact_status", "frame", "cam_layer", "artifact_placement", *PROVENANCE_COLUMNS,
+    "path", "label", "prediction", "mask_source", "violations", "not_applicable", "kind", "file", "reason",
+    "unverified", "artifact_status", "frame", "cam_layer", "artifact_placement", *PROVENANCE_COLUMNS,
 }
 _BOOL_COLUMNS = {
     "finetune", "augment", "crop", "selected", "meets_constraints", "pareto", "correct",
@@ -78,7 +82,7 @@ _FILES: dict[str, tuple[list[str], bool]] = {
     IMAGES_FILE: (IMAGE_COLUMNS, False),
     VALIDATION_FILE: (VALIDATION_COLUMNS, True),
     SKIPPED_FILE: (SKIPPED_COLUMNS, True),
-    GALLERY_FILE: (GALLERY_COLUMNS, True),
+    GALLERY_FILE: ([c for c in GALLERY_COLUMNS if c not in GALLERY_ADDED_COLUMNS], True),
 }
 
 

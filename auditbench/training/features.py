@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from auditbench.data.transforms import normalise
-from auditbench.training.device import Accelerator
+from auditbench.training.device import Accelerator, to_device
 
 
 @dataclass
@@ -39,7 +39,7 @@ def extract_features(
     backbone.eval().to(accelerator.device)
     pooled, maps = [], []
     for start in range(0, len(frames), batch_size):
-        x = normalise(frames[start : start + batch_size], mean, std).to(accelerator.device)
+        x = to_device(normalise(frames[start : start + batch_size], mean, std), accelerator.device)
         with accelerator.autocast():
             feature_map = backbone(x)
         feature_map = feature_map.float()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from auditbench.data.transforms import normalise
 from auditbench.protocol.schema import PhaseSpec
-from auditbench.training.device import Accelerator
+from auditbench.training.device import Accelerator, to_device
 
 
 @dataclass
@@ -126,7 +126,7 @@ def finetune(
         frames = augment(train_frames, seed * 1000 + epoch) if augment is not None else train_frames
         total = 0.0
         for batch in _batches(len(y_train), batch_size, generator):
-            x = normalise(frames[batch.numpy()], mean, std).to(device)
+            x = to_device(normalise(frames[batch.numpy()], mean, std), device)
             with accelerator.autocast():
                 loss = F.cross_entropy(model(x).float(), y_train[batch].to(device))
             optimiser.zero_grad(set_to_none=True)
@@ -158,7 +158,7 @@ def predict_logits(model, frames: np.ndarray, mean, std, batch_size: int, accele
     model.eval().to(accelerator.device)
     out = []
     for start in range(0, len(frames), batch_size):
-        x = normalise(frames[start : start + batch_size], mean, std).to(accelerator.device)
+        x = to_device(normalise(frames[start : start + batch_size], mean, std), accelerator.device)
         with accelerator.autocast():
             feature_map = model.features(x)
         out.append(model.head(feature_map.float()).cpu())

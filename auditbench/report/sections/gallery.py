@@ -7,13 +7,27 @@ from typing import Any
 import pandas as pd
 
 from auditbench.report.formatting import data_uri, fmt, fmt_int, text
-from auditbench.report.tables import GALLERY_DIR, ResultTables
+from auditbench.report.tables import GALLERY_DIR, INTERNAL_SPLIT, ResultTables
+
+
+LUNG_MASS_KINDS = ("best", "worst")
+
+
+def gallery_rows(tables: ResultTables) -> pd.DataFrame:
+    """gallery.csv with every column; a run from before the gallery of decisions held only internal
+    best / worst rows and lacks ``split`` and ``prediction``."""
+    frame = tables.gallery
+    defaults = {"split": INTERNAL_SPLIT, "prediction": ""}
+    return frame.assign(**{column: value for column, value in defaults.items() if column not in frame})
 
 
 def gallery(tables: ResultTables, models: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per model, its internal images of the highest and lowest lung_mass (the decisions have their own section)."""
+    rows = gallery_rows(tables)
+    rows = rows[(rows["split"] == INTERNAL_SPLIT) & rows["kind"].isin(LUNG_MASS_KINDS)]
     out = []
     for model in models["model_id"]:
-        part = tables.gallery[tables.gallery["model_id"] == model]
+        part = rows[rows["model_id"] == model]
         part = part.assign(_order=(part["kind"] != "best").astype(int)).sort_values(["_order", "lung_mass"],
                                                                                     ascending=[True, False])
         figures = [{
