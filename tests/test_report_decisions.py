@@ -5,24 +5,11 @@ from __future__ import annotations
 import re
 
 import pandas as pd
-import pytest
-from test_report import XSS, make_tables, phantom
+from test_report import XSS, run_dir  # noqa: F401  (run_dir: the fixture these tests share)
 
 from auditbench.report.html import render_html, render_report
-from auditbench.report.overlays import overlay_png
 from auditbench.report.sections.decisions import DECISION_MODELS
-from auditbench.report.tables import read_tables, write_tables
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    tables = make_tables()
-    write_tables(tables, tmp_path)
-    image, heat, lung, artifact = phantom()
-    (tmp_path / "gallery").mkdir()
-    for file in tables.gallery["file"]:
-        (tmp_path / file).write_bytes(overlay_png(image, heat, lung, artifact))
-    return tmp_path
+from auditbench.report.tables import read_tables
 
 
 def test_decisions_section_shows_each_decision_and_external_error_with_captions(run_dir):
