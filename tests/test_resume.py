@@ -132,3 +132,32 @@ def test_cache_serves_a_second_run_without_a_backbone_pass(uninterrupted, tmp_pa
     second = json.loads((tmp_path / "second" / "summary.json").read_text())["feature_store"]
     assert second["entries_written"] == 0 and second["entries_read"] == first["entries_written"]
     assert _tables(tmp_path / "second") == _tables(tmp_path / "first") == _tables(uninterrupted)
+
+
+def test_a_run_that_fails_while_finishing_resumes_without_recomputing(tmp_path, monkeypatch):
+    """The journal outlives a failure in the finish stage (here: aggregation), so the same command
+    reuses every cell and only finishes."""
+    from typer.testing import CliRunner
+
+    import auditbench.pipeline.finish as finish
+    from auditbench.cli import app
+
+    args = ["run", str(REPO / "protocols" / "quick.yaml"), *SMALL, "--set", "training.finetune=[false]",
+            "--set", "data.synthetic.shortcut_strength=[1.0]", "--set", "preprocessing.crop=[false]",
+            "--out", str(tmp_path / "out")]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("aggregation broke")
+
+    real_aggregate = finish.aggregate_models
+    monkeypatch.setattr(finish, "aggregate_models", broken)
+    failed = CliRunner().invoke(app, args)
+    assert failed.exit_code != 0 and isinstance(failed.exception, RuntimeError)
+    (staging,) = tmp_path.glob(".out.partial-*")
+    assert len(list((staging / "cells").glob("cell-*.npz"))) == 2  # 1 model x 2 folds, journal kept
+    monkeypatch.setattr(finish, "aggregate_models", real_aggregate)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["cells_reused"], summary["cells_computed"]) == (2, 0)
+    assert not (tmp_path / "out" / "cells").exists() and not (tmp_path / "out" / "store").exists()

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -52,6 +53,7 @@ class RunState:
     pass_warnings: Counter = field(default_factory=Counter)
     cells_reused: int = 0
     extra: dict = field(default_factory=dict)  # e.g. the feature store's counts
+    before_manifest: Callable[[], None] | None = None  # removes working state (journal, store)
     # What the checkpoints in models/ are; `auditbench audit` says what it loaded instead.
     models_note: str = "Checkpoints are the models trained on fold 0; metrics are over all folds."
 
@@ -104,6 +106,8 @@ def finish_run(state: RunState) -> dict:
 
             render_report(out_dir)
     summary["stage_seconds"] = _seconds(state)
+    if state.before_manifest is not None:
+        state.before_manifest()
     summary["manifest"] = build_manifest(out_dir)  # every file but summary.json, with its sha256
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
     return summary

@@ -93,17 +93,21 @@ class Runner:
             raise SystemExit(130) from None
         cells = [done.get(key) or computed[key] for group in plan.groups
                  for key in (CellKey(spec.model_id, fold.index) for spec, fold in group.cells)]
-        journal.remove()  # working state, not an output: gone before the manifest is built
-        if self.cache_dir is None:
-            shutil.rmtree(self.store_folder, ignore_errors=True)
         self.clock.merge(self.pass_factory.clock.seconds)
         extra = {"executor": self.executor.name}
         if self.cache_dir is not None:
             extra["feature_store"] = {"folder": str(self.cache_dir), **self.executor.store_counts(self.pass_factory)}
         state = RunState(self.protocol, self.out_dir, self.provenance, plan, cells, self.clock,
                          self.accelerator.describe(), started, self.pass_factory.warning_counts,
-                         cells_reused=len(done), extra=extra)
+                         cells_reused=len(done), extra=extra, before_manifest=lambda: self._remove_working_state(journal))
         return finish_run(state)
+
+    def _remove_working_state(self, journal: CellJournal) -> None:
+        """The journal and (without --cache) the store are not outputs: gone before the manifest is
+        built, and only then, so a run that fails while finishing still resumes from its cells."""
+        journal.remove()
+        if self.cache_dir is None:
+            shutil.rmtree(self.store_folder, ignore_errors=True)
 
     # ----- cells ------------------------------------------------------------------------------
 
