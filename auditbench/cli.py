@@ -63,6 +63,10 @@ def _load(protocol: Path, overrides: list[str], weights: str = "error"):
 
 
 SetOption = typer.Option([], "--set", help="Override a protocol field: dotted.key=value (value parsed as YAML). Repeatable.")
+OverwriteOption = typer.Option(
+    False, "--overwrite",
+    help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
+)
 
 
 @app.command()
@@ -88,10 +92,7 @@ def run(
     protocol: Path = typer.Argument(..., help="Protocol YAML file, e.g. protocols/quick.yaml."),
     overrides: list[str] = SetOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default reports/<protocol name>/)."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite",
-        help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
-    ),
+    overwrite: bool = OverwriteOption,
     cache: Optional[Path] = typer.Option(
         None, "--cache", help="Folder of backbone passes (features, maps, occluded copies) shared by runs: a run on "
         "the same images and backbone reads them instead of running the backbone.",
@@ -145,10 +146,7 @@ def audit(
         "preprocessing and training sections are replaced by the model's own."),
     overrides: list[str] = SetOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default reports/audit-<model id>/)."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite",
-        help="Write into an existing --out that is not an auditbench run (files auditbench did not write are kept).",
-    ),
+    overwrite: bool = OverwriteOption,
     name: Optional[str] = typer.Option(
         None, "--name", help="Model id in the tables (default: the checkpoint folder's name or the weights file's stem)."),
     weights: Optional[Path] = typer.Option(

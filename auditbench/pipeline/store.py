@@ -78,12 +78,10 @@ class FeatureStore:
         self.folder = Path(folder) / namespace
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, Location] = {}
-        self.chunks_read = 0  # chunks found on disk when opened (a --cache of earlier runs)
         self.entries_read = 0
         self.entries_written = 0
         for chunk in sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             self._add_to_index(chunk.name)
-            self.chunks_read += 1
         self._preexisting = set(self.index)
 
     def _add_to_index(self, chunk: str) -> None:
