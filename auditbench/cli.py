@@ -44,6 +44,8 @@ def _load(protocol: Path, overrides: list[str], weights: str = "error"):
     """The validated protocol, or exit 2 with one line: invalid fields, unknown names, a grid that
     cannot be expanded, and (``weights="error"``) backbone weights that cannot be had now;
     ``weights="warn"`` only prints those."""
+    from auditbench.data.datasets import data_axes
+    from auditbench.data.records import DataError
     from auditbench.protocol.grid import expand_grid
     from auditbench.protocol.loader import ProtocolError, load_protocol
     from auditbench.pipeline.names import backbone_weights_errors, check_registered_names
@@ -52,8 +54,8 @@ def _load(protocol: Path, overrides: list[str], weights: str = "error"):
     try:
         resolved = load_protocol(protocol, overrides)
         check_registered_names(resolved)
-        expand_grid(resolved)
-    except (ProtocolError, UnknownNameError, ValueError) as error:
+        expand_grid(resolved, data_axes(resolved))
+    except (ProtocolError, UnknownNameError, ValueError, DataError) as error:
         raise _fail(str(error) if isinstance(error, ProtocolError) else f"{protocol}: {error}") from None
     for error in backbone_weights_errors(resolved):
         if weights == "error":
@@ -75,11 +77,12 @@ def validate(
     overrides: list[str] = SetOption,
 ) -> None:
     """Check a protocol without running it; print the model grid it expands to."""
+    from auditbench.data.datasets import data_axes
     from auditbench.protocol.grid import expand_grid
 
     resolved = _load(protocol, overrides, weights="warn")
     try:
-        specs = expand_grid(resolved)
+        specs = expand_grid(resolved, data_axes(resolved))
     except ValueError as error:
         raise _fail(f"{protocol}: {error}") from None
     console.print(f"[green]valid[/]: {escape(str(protocol))} -> {len(specs)} models x {resolved.training.folds} folds", highlight=False)
@@ -212,7 +215,8 @@ def audit(
 @app.command()
 def report(out_dir: Path = typer.Argument(..., help="A run's output folder.")) -> None:
     """Re-render report.html from the result tables alone (no re-run)."""
-    from auditbench.outputs import OutputError, rerender_report
+    from auditbench.outputs import OutputError
+    from auditbench.report.rerender import rerender_report
     from auditbench.report.tables import ResultsError
 
     try:

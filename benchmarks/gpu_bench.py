@@ -27,10 +27,10 @@ included as in a run; ``host_prep`` reports that normalise + copy alone. Warm-up
 synchronised around each timed call; peak memory is ``torch.cuda.max_memory_allocated`` since the timed
 calls began (on a CPU run: the process's peak RSS, which is not per measurement).
 
-Precision and layout, as the product runs them today: ``select_accelerator(device, "auto")`` (bf16 autocast
-where the GPU supports it, else fp16 with a GradScaler; fp32 on the CPU). The product has no channels_last
-switch: layout ``nchw`` is what it does today; ``channels_last`` (``model.to(memory_format=channels_last)``
-before the same calls, the inputs stay NCHW) measures what such a switch would buy. ``cudnn.benchmark`` is
+Precision and layout, as the product runs them: ``select_accelerator(device, "auto")`` (bf16 autocast
+where the GPU supports it, else fp16 with a GradScaler; fp32 on the CPU). Layout ``nchw`` is the default;
+``channels_last`` is the product's ``training.channels_last: true`` (the same calls place weights and batches
+in NHWC), off by default until these numbers say it pays. ``cudnn.benchmark`` is
 left as the product leaves it (off).
 
 The frozen phase (``train_head`` on cached pooled features) runs on the CPU in the product; it is measured
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -66,6 +67,7 @@ from auditbench.data.transforms import normalise
 from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
 from auditbench.models.backbones import build_backbone
 from auditbench.models.classifier import Classifier, Head
+from auditbench.data.datasets import data_axes
 from auditbench.protocol.grid import expand_grid
 from auditbench.protocol.loader import load_protocol
 from auditbench.protocol.schema import PhaseSpec, Protocol
@@ -147,16 +149,15 @@ def explain_frames(model: Classifier, frames: np.ndarray, mean, std, accelerator
                    protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
     """p(positive) and upsampled Grad-CAM maps of a fine-tuned model (no cached maps), batch by batch, as
     ``pipeline.predict.predict_and_explain`` computes them (auditbench/pipeline/predict.py); keep the two in step."""
-    device = accelerator.device
     explain = protocol.explain
-    cam = CAM_METHODS.get(explain.method)
-    head = model.head.to(device).eval()
-    backbone = model.backbone.to(device).eval()
+    cam = CAM_METHODS.get(explain.primary)
+    head = accelerator.place(model.head).eval()
+    backbone = accelerator.place(model.backbone).eval()
     positive = explain.target == "positive"
     size = tuple(frames.shape[-2:])
     probabilities, heatmaps = [], []
     for start in range(0, len(frames), batch_size):
-        x = normalise(frames[start : start + batch_size], mean, std).to(device)
+        x = accelerator.batch(normalise(frames[start : start + batch_size], mean, std))
         if explain.layer != "last":
             with accelerator.autocast():
                 cams, _ = layer_gradcam(backbone, head, x, 1 if positive else "predicted", explain.layer, explain.score)
@@ -170,10 +171,6 @@ def explain_frames(model: Classifier, frames: np.ndarray, mean, std, accelerator
         probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
         heatmaps.append(upsample_cams(cams.float(), size).cpu())
     return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy()
-
-
-def _with_layout(module: torch.nn.Module, layout: str) -> torch.nn.Module:
-    return module.to(memory_format=torch.channels_last) if layout == "channels_last" else module
 
 
 def measure_backbone(name: str, size: int | None, layouts: list[str], protocol: Protocol, accelerator: Accelerator,
@@ -199,7 +196,9 @@ def measure_backbone(name: str, size: int | None, layouts: list[str], protocol: 
     for layout in layouts:
         torch.manual_seed(0)
         head = Head(template.num_features, hidden, protocol.models.dropout)
-        model = _with_layout(Classifier(copy.deepcopy(template), head), layout).eval()
+        model = Classifier(copy.deepcopy(template), head).eval()
+        # The product's switch (training.channels_last): its functions place weights and batches.
+        accelerator = dataclasses.replace(accelerator, channels_last=layout == "channels_last")
         calls: dict[str, Callable[[np.ndarray], object]] = {
             "features": lambda x: extract_features(model.backbone, x, mean, std, accelerator, batch, keep_maps=True),
             "predict": lambda x: predict_logits(model, x, mean, std, batch, accelerator),
@@ -356,7 +355,7 @@ def project(protocol: Protocol, rates: dict[str, dict[str, float]], head_rates: 
     occlusion fill itself (harmonic inpainting on the CPU), metrics, bootstrap CIs, the report.
     """
     stand_in = stand_in or {}
-    specs = expand_grid(protocol)
+    specs = expand_grid(protocol, data_axes(protocol))
     folds = protocol.training.folds
     fractions = fold_fractions(protocol)
     head_epochs, ft_epochs = epoch_bounds(protocol.training.head), epoch_bounds(protocol.training.finetune_phase)
@@ -579,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up batches, untimed, at least 1 (default 3)")
     parser.add_argument("--iterations", type=int, default=None, help="timed batches per call (default 10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median kept (default 3)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="nchw (the product today), channels_last")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="nchw (the default), channels_last (training.channels_last)")
     parser.add_argument("--precision", choices=["auto", "off", "bf16", "fp16"], default="auto",
                         help="training.mixed_precision (default auto, as the paper protocol)")
     parser.add_argument("--counts", type=parse_counts, default=None,
@@ -632,7 +631,7 @@ def run(argv: list[str] | None = None, say: Callable[[str], None] | None = None)
             "layouts": layouts, "mixed_precision": args.precision, "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "explain": protocol.explain.model_dump(), "head_images": head_images, "head_epochs": head_epochs,
             "product_switches": {"mixed_precision": "training.mixed_precision (auto: bf16 where supported)",
-                                 "channels_last": "none: nchw is what the product runs today"},
+                                 "channels_last": "training.channels_last (default false: nchw)"},
         },
         "peak_memory_source": peak_memory_source(accelerator.device),
         "measurements": [],

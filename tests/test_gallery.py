@@ -13,9 +13,10 @@ from PIL import Image
 
 from auditbench.pipeline import finish
 from auditbench.pipeline.evaluate import _Evaluation
+from auditbench.pipeline import gallery
 from auditbench.pipeline.gallery import merge_folds
 from auditbench.pipeline.journal import CellJournal
-from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
+from auditbench.pipeline.records import SOURCE_KINDS, CellKey, CellResult, GalleryCandidate
 from auditbench.report import tables
 
 CLASSES = ["normal", "covid"]  # index 1 is the positive class
@@ -31,22 +32,25 @@ def evaluation(fold: int = 0) -> _Evaluation:
     return evaluate
 
 
-def offer(evaluate: _Evaluation, split: str, ids: list[str], labels, p, lung_mass=None) -> SimpleNamespace:
-    """One chunk of images; each image's pixels are its position in the chunk, to tell copies apart."""
+def offer(evaluate: _Evaluation, split: str, ids: list[str], labels, p, lung_mass=None, sources=None) -> SimpleNamespace:
+    """One chunk of images; each image's pixels are its position in the chunk, to tell copies apart.
+    ``sources``: each image's data source (all "src" unless given)."""
     n = len(ids)
+    sources = ["src"] * n if sources is None else sources
     lung_mass = np.full(n, 0.5) if lung_mass is None else np.asarray(lung_mass, dtype=float)
     frames = SimpleNamespace(images=np.arange(n, dtype=np.float32)[:, None, None] * np.ones((n, 4, 4), np.float32),
                              lungs=np.ones((n, 4, 4), bool), artifacts=np.zeros((n, 4, 4), bool))
     heatmaps = frames.images.copy()
     evaluate._gallery_candidates(split, lung_mass, np.asarray(p, dtype=np.float32), heatmaps, frames,
-                                 np.asarray(labels), [SimpleNamespace(sample_id=i) for i in ids])
+                                 np.asarray(labels), [SimpleNamespace(sample_id=i, source=s) for i, s in zip(ids, sources)])
     return frames
 
 
 def chosen(result: CellResult, split: str = "internal") -> dict[str, list[str]]:
+    """kind -> sample ids held on ``split``, the per-source examples (:func:`by_source`) aside."""
     out: dict[str, list[str]] = {}
     for candidate in result.gallery.values():
-        if candidate.split == split:
+        if candidate.split == split and candidate.kind not in SOURCE_KINDS:
             out.setdefault(candidate.kind, []).append(candidate.sample_id)
     return out
 
@@ -143,7 +147,8 @@ def test_a_journalled_cell_gives_back_every_gallery_kind(tmp_path):
     offer(evaluate, "internal", ["a0", "a1", "a2", "a3"], [1, 0, 0, 1], [0.9, 0.8, 0.3, 0.2], [0.5, math.nan, 0.7, 0.1])
     offer(evaluate, ODD_SPLIT, ["e0", "e1", "e2"], [0, 0, 1], [0.7, 0.9, 0.1])
     written = evaluate.result
-    assert len(written.gallery) == 6 + 3
+    # and the per-source examples of "src": internal a correct and a wrong call, ODD_SPLIT only wrong ones
+    assert len(written.gallery) == 6 + 3 + 2 + 1
     journal = CellJournal(tmp_path, {"run_id": "r"})
     journal.open()
     journal.write(written)
@@ -154,7 +159,7 @@ def test_a_journalled_cell_gives_back_every_gallery_kind(tmp_path):
     assert read is not None and list(read.gallery) == list(written.gallery)
     for key, original in written.gallery.items():
         back = read.gallery[key]
-        for name in ("fold", "sample_id", "label", "p_positive", "split", "kind", "prediction"):
+        for name in ("fold", "sample_id", "label", "p_positive", "split", "kind", "prediction", "source"):
             assert getattr(back, name) == getattr(original, name), name
         assert back.lung_mass == original.lung_mass or (math.isnan(back.lung_mass) and math.isnan(original.lung_mass))
         for name in ("image", "heatmap", "lung", "artifact"):
@@ -164,6 +169,75 @@ def test_a_journalled_cell_gives_back_every_gallery_kind(tmp_path):
     # The resumed cell merges and is written exactly as the computed one.
     resumed, computed = write_gallery(tmp_path / "a", [read]), write_gallery(tmp_path / "b", [written])
     pd.testing.assert_frame_equal(pd.DataFrame(resumed), pd.DataFrame(computed))  # NaN lung_mass equal too
-    assert len(resumed) == 9
+    assert len(resumed) == 12
     for row in computed:
         assert (tmp_path / "a" / row["file"]).read_bytes() == (tmp_path / "b" / row["file"]).read_bytes()
+
+
+def by_source(result: CellResult, split: str = "internal") -> dict[tuple[str, str], str]:
+    """(source, kind) -> sample id of the per-source examples held on ``split``."""
+    return {(c.source, c.kind): c.sample_id for c in result.gallery.values()
+            if c.split == split and c.kind in SOURCE_KINDS}
+
+
+def test_each_source_keeps_its_most_confident_correct_and_wrong_call_ties_keep_the_first():
+    evaluate = evaluation()
+    odd = "<script>|x"  # a source's name may hold any character
+    #                       tp   tn   fp   fn (ties s0's fp)   tp    fp
+    offer(evaluate, "internal", ["s0", "s1", "s2", "s3", "s4", "s5"], [1, 0, 0, 1, 1, 0],
+          [0.9, 0.05, 0.8, 0.2, 0.7, 0.6], sources=["a", "a", "a", "a", odd, odd])
+    assert by_source(evaluate.result) == {("a", "source_correct"): "s1", ("a", "source_wrong"): "s2",
+                                          (odd, "source_correct"): "s4", (odd, "source_wrong"): "s5"}
+    # A later chunk: t0 ties s1 (stays out), t1 beats s5; source "b" appears.
+    offer(evaluate, "internal", ["t0", "t1", "t2"], [0, 1, 1], [0.05, 0.3, 0.9], sources=["a", odd, "b"])
+    assert by_source(evaluate.result) == {("a", "source_correct"): "s1", ("a", "source_wrong"): "s2",
+                                          (odd, "source_correct"): "s4", (odd, "source_wrong"): "t1",
+                                          ("b", "source_correct"): "t2"}
+    held = next(c for c in evaluate.result.gallery.values() if c.sample_id == "t1" and c.kind == "source_wrong")
+    assert (held.source, held.label, held.prediction, held.split) == (odd, "covid", "normal", "internal")
+    # The other kinds are chosen as before, over all sources.
+    assert chosen(evaluate.result)["tn"] == ["s1"] and chosen(evaluate.result)["tp"] == ["s0"]
+
+
+def test_only_the_first_sources_by_name_keep_examples_in_a_cell_and_over_folds():
+    limit = gallery.SOURCE_EXAMPLE_SOURCES
+    names = [f"src{i:02d}" for i in range(limit + 3)]
+    evaluate = evaluation()
+    offer(evaluate, "ext", [f"x{i}" for i in range(limit)], [0] * limit, [0.2] * limit, sources=names[3:3 + limit])
+    assert sorted({s for s, _ in by_source(evaluate.result, "ext")}) == names[3:3 + limit]
+    offer(evaluate, "ext", ["y0", "y1"], [0, 0], [0.1, 0.1], sources=[names[0], names[-1]])  # one enters, one not
+    kept = sorted({s for s, _ in by_source(evaluate.result, "ext")})
+    assert kept == [names[0], *names[3:2 + limit]] and len(kept) == limit
+    # Over folds: the first sources by name of the union, each once, after the split's other kinds.
+    fold0 = cell(0, candidate("e0", "fp", 0.9, 0, "ext"),
+                 *[source_candidate(f"a{i}", names[i], "source_correct", 0.2, 0, "ext") for i in range(1, limit + 1)])
+    fold1 = cell(1, source_candidate("b0", names[0], "source_correct", 0.3, 1, "ext"),
+                 source_candidate("b1", names[1], "source_correct", 0.1, 1, "ext"))
+    merged = merge_folds([fold0, fold1])["m"]
+    assert [(c.kind, c.source, c.sample_id) for c in merged] == [
+        ("fp", "", "e0"), ("source_correct", names[0], "b0"), ("source_correct", names[1], "b1"),
+        *[("source_correct", names[i], f"a{i}") for i in range(2, limit)]]
+
+
+def source_candidate(sample_id: str, source: str, kind: str, p: float, fold: int, split: str = "internal"):
+    called = int(p > 0.5)
+    label = called if kind == "source_correct" else 1 - called
+    return GalleryCandidate(0.5, fold, sample_id, CLASSES[label], p, np.full((3, 3), p, np.float32),
+                            np.ones((3, 3), np.float32), np.ones((3, 3), bool), np.zeros((3, 3), bool),
+                            split, kind, CLASSES[called], source)
+
+
+def test_per_source_examples_get_their_own_png_names_and_source_column(tmp_path):
+    cells = [cell(0, candidate("t", "tp", 0.9, 0),
+                  source_candidate("s1", "kermany", "source_correct", 0.1, 0),
+                  source_candidate("s2", "kermany", "source_wrong", 0.8, 0),
+                  source_candidate("s3", "<b>x</b>", "source_wrong", 0.7, 0, ODD_SPLIT))]
+    rows = write_gallery(tmp_path, cells)
+    assert [(r["kind"], r["source"], r["file"]) for r in rows] == [
+        ("tp", "", "gallery/m__tp.png"),
+        ("source_correct", "kermany", "gallery/m__internal__kermany__source_correct.png"),
+        ("source_wrong", "kermany", "gallery/m__internal__kermany__source_wrong.png"),
+        ("source_wrong", "<b>x</b>", "gallery/m__ext_a_b_c_d_____b_x__b___source_wrong.png"),
+    ]
+    for row in rows:
+        assert (tmp_path / row["file"]).is_file()

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from auditbench import outputs
+from auditbench.outputs import staging
 from auditbench.cli import app
 from auditbench.outputs import OutputError, png_text, prepare_output, seal, verify_run_folder
 from auditbench.report.tables import IMAGE_COLUMNS, neutralise_cell, read_tables, restore_cell, write_csv
@@ -137,7 +138,7 @@ def test_empty_folder_is_used(tmp_path):
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
 def test_earlier_run_is_replaced_after_the_new_one_is_complete_and_only_its_files_go(tmp_path, monkeypatch, swap):
     if swap == "two renames":
-        monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+        monkeypatch.setattr(staging, "exchange", lambda a, b: False)
     out = tmp_path / "out"
     fake_run(out, "20260101T000000Z-00000old", {"validation.csv": "metric\nlung_mass\n",
                                                  "models/crop/config.json": "{}"})
@@ -216,7 +217,7 @@ def test_a_failed_final_move_keeps_the_complete_output(tmp_path, monkeypatch):
     def broken(a, b):
         raise OSError(errno.EIO, "I/O error", str(b))
 
-    monkeypatch.setattr(outputs, "exchange", broken)
+    monkeypatch.setattr(staging, "exchange", broken)
     with pytest.raises(OutputError, match="could not be moved into .* its complete output is in"):
         with prepare_output(out) as target:
             write_new(target)
@@ -239,7 +240,7 @@ def test_unusable_out_is_one_clear_error(tmp_path, monkeypatch, case, message):
            "working folder": tmp_path}[case]
     monkeypatch.chdir(tmp_path)
     if case == "unwritable parent":  # root ignores permission bits: ask the check itself
-        monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+        monkeypatch.setattr(staging.os, "access", lambda path, mode: False)
     with pytest.raises(OutputError, match=message):
         with prepare_output(out):
             pytest.fail("must not get here")

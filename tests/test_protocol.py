@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from auditbench.data.datasets import data_axes
 from auditbench.protocol.grid import expand_grid
 from auditbench.protocol.loader import ProtocolError, dump_protocol, load_protocol
 
@@ -31,7 +32,8 @@ def protocol_file(tmp_path):
 
 
 def test_grid_expands_every_axis(protocol_file):
-    specs = expand_grid(load_protocol(protocol_file))
+    protocol = load_protocol(protocol_file)
+    specs = expand_grid(protocol, data_axes(protocol))
     # 2 strengths x 1 backbone x 2 hidden x 2 finetune x 2 crop
     assert len(specs) == 16
     assert len({s.model_id for s in specs}) == 16
@@ -45,7 +47,7 @@ def test_backbone_finetune_modes_override_the_training_axis(protocol_file):
         "models.backbones=[{name: resnet18, weights: none, finetune: false}, {name: resnet10t, weights: none}]",
         "models.hidden=[256]", "preprocessing.crop=[false]", "data.synthetic.shortcut_strength=[0]",
     ])
-    ids = [s.model_id for s in expand_grid(protocol)]
+    ids = [s.model_id for s in expand_grid(protocol, data_axes(protocol))]
     # resnet18 frozen only; resnet10t takes training.finetune [false, true]
     assert ids == ["resnet18-frozen", "resnet10t-frozen", "resnet10t-ft"]
 
@@ -123,4 +125,4 @@ def test_task_classes_must_be_binary_and_disjoint(protocol_file):
 @pytest.mark.parametrize("name", ["quick.yaml", "paper.yaml", "validation.yaml"])
 def test_shipped_protocols_validate(name):
     protocol = load_protocol(REPO / "protocols" / name)
-    assert expand_grid(protocol)
+    assert expand_grid(protocol, data_axes(protocol))

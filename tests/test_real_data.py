@@ -62,6 +62,7 @@ def test_gallery_shows_the_most_confident_errors_on_the_external_set(real_run):
     tables = read_tables(real_run)
     external = tables.images[tables.images["split"] == "adult-normal"]
     shown = tables.gallery[tables.gallery["split"] == "adult-normal"]
+    shown = shown[shown["kind"].isin(["fp", "fn"])]  # its errors (the per-source examples: the next test)
     assert set(shown["kind"]) <= {"fp"}  # one class only: no false negative can exist
     for model_id, part in external.groupby("model_id"):
         wrong = part[~part["correct"]]
@@ -73,6 +74,42 @@ def test_gallery_shows_the_most_confident_errors_on_the_external_set(real_run):
     assert len(shown), "no model called a healthy adult COVID: the check above tested nothing"
     for file in shown["file"]:
         assert (real_run / file).is_file()
+
+
+def test_gallery_shows_each_sources_most_confident_correct_and_wrong_call(real_run):
+    """Per model, split and data source (ieee8023 and kermany inside, the external set's own): the
+    most confident correct and wrong call over all folds (recomputed from images.csv, in plan order:
+    ties keep the first), each with its overlay; report.html shows them per model."""
+    from auditbench.pipeline.gallery import SOURCE_EXAMPLE_SOURCES
+    from auditbench.report.tables import read_tables
+
+    tables = read_tables(real_run)
+    examples = tables.gallery[tables.gallery["kind"].isin(["source_correct", "source_wrong"])]
+    seen = set()
+    for (model_id, split, source), part in tables.images.groupby(["model_id", "split", "source"], sort=False):
+        rows = examples[(examples["model_id"] == model_id) & (examples["split"] == split)
+                        & (examples["source"] == source)]
+        names = sorted(set(tables.images.loc[tables.images["split"] == split, "source"]))
+        if source not in names[:SOURCE_EXAMPLE_SOURCES]:
+            assert rows.empty
+            continue
+        confidence = part["p_positive"].where(part["p_positive"] > 0.5, 1 - part["p_positive"])
+        for kind, eligible in (("source_correct", part["correct"]), ("source_wrong", ~part["correct"])):
+            row = rows[rows["kind"] == kind]
+            if not eligible.any():
+                assert row.empty, (model_id, split, source, kind)
+                continue
+            expected = part[eligible & (confidence == confidence[eligible].max())].iloc[0]
+            (got,) = row.to_dict("records")
+            assert (got["sample_id"], got["fold"], got["p_positive"]) == (
+                expected["sample_id"], expected["fold"], expected["p_positive"]), (model_id, split, source, kind)
+            assert (real_run / got["file"]).is_file()
+            seen.add((split, source))
+    assert {"ieee8023", "kermany"} <= {source for split, source in seen if split == "internal"}
+    assert any(split == "adult-normal" for split, _ in seen)
+    html = (real_run / "report.html").read_text()
+    models = html[html.index('id="models"'):html.index('id="gallery"')]
+    assert "source <span class=\"id\">ieee8023</span>" in models and "adult-normal" in models
 
 
 def test_data_check_prints_counts(shared_data):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from headless_chromium import HeadlessChromium, find_chromium
-from test_report import make_tables, phantom
+from test_report import phantom
+from test_report_models import HOSTILE, make_source_tables
 
 from auditbench.report.html import render_report
 from auditbench.report.overlays import overlay_png
@@ -21,8 +22,8 @@ from auditbench.report.tables import write_tables
 ARTIFACTS_ENV = "AUDITBENCH_TEST_ARTIFACTS"
 REQUIRE_ENV = "AUDITBENCH_REQUIRE_BROWSER"
 # Per model: best and worst lung_mass, the internal true positive and true negative, the external
-# false positive; and the colour bar.
-N_IMAGES = 3 * (2 + 2 + 1) + 1
+# false positive, the 3 per-source examples; and the colour bar.
+N_IMAGES = 3 * (2 + 2 + 1 + 3) + 1
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,11 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(chromium, artifacts, tmp_path_factory):
-    """The hand-made run of test_report (3 models, external set, validation, gallery) opened in Chromium:
-    (browser, session id, events seen while loading)."""
+    """The hand-made run of test_report (3 models, external set, validation, gallery; with
+    test_report_models' per-source examples) opened in Chromium: (browser, session id, events seen
+    while loading)."""
     out = tmp_path_factory.mktemp("browser_run")
-    tables = make_tables()
+    tables = make_source_tables()
     write_tables(tables, out)
     (out / "gallery").mkdir()
     image, heat, lung, artifact = phantom()
@@ -174,6 +176,21 @@ def test_data_strings_stay_text_in_the_browser(page):
         title: document.querySelector('h1').textContent,
         skipped: Array.from(document.querySelectorAll('#data td')).map(td => td.textContent),
         bold: document.querySelectorAll('#data td b').length})""")
-    assert state["scripts"] == 1  # only the report's own sort script; no sample id became a <script>
+    assert state["scripts"] == 1  # only the report's own sort script; no sample id or source became a <script>
     assert state["title"] == "auditbench report: quick <demo>"
     assert "data/<b>bad</b>.png" in state["skipped"] and state["bold"] == 0
+
+
+def test_models_section_shows_sources_as_text_and_their_images(page):
+    browser, session, _ = page
+    state = browser.evaluate(session, """(() => {
+        const block = document.querySelector('#models .model-detail');
+        return {model: block.querySelector('h3 .id').textContent,
+                sources: Array.from(block.querySelectorAll('h5 > .id')).map(e => e.textContent),
+                images: Array.from(block.querySelectorAll('img')).map(i => [i.naturalWidth, i.alt]),
+                matrices: block.querySelectorAll('table.cm').length};
+    })()""")
+    assert state["model"] == "r18-crop-s0" and state["matrices"] == 2
+    assert state["sources"] == ["ieee8023", "kermany", HOSTILE]  # the hostile name shown as written
+    assert len(state["images"]) == 3 and all(width > 0 for width, _ in state["images"])
+    assert state["images"][-1][1] == f"wrong call ext-1 from {HOSTILE} on ext_normal"

@@ -168,3 +168,27 @@ def test_findings_box_is_first_and_escapes_data():
     assert hostile not in html and "|<b>" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in box and "external set &#39;ext|&lt;b&gt;&#39;" in box
     assert len(findings(tables)) == len(box.split('<li class="finding')) - 1
+
+
+def test_explanation_findings_name_a_failing_primary_method_and_disagreeing_methods():
+    """The selected model r18-crop-s0: its primary method fails the cascade; of two other methods,
+    one agrees (0.8) and one does not (0.2 < 0.5)."""
+    from auditbench.report.findings import explanation_findings
+
+    tables = make_tables()
+    tables.models["method"] = "gradcam"
+    tables.models["explanation_sanity"] = "fail"
+    others = []
+    for method, agreement in (("hirescam", 0.8), ("eigencam", 0.2)):
+        rows = tables.models.copy()
+        rows["method"], rows["method_agreement_mean"], rows["explanation_sanity"] = method, agreement, "pass"
+        others.append(rows)
+    tables.by_method = pd.concat([tables.models, *others], ignore_index=True)
+    sanity, disagreement = explanation_findings(tables)
+    assert sanity.level == "bad" and sanity.headline == "gradcam fails the randomisation sanity check on r18-crop-s0's backbone:"
+    assert disagreement.level == "warn" and disagreement.headline == "Explanation methods disagree on r18-crop-s0:"
+    assert disagreement.detail.startswith("eigencam (Spearman 0.20) rank") and "hirescam" not in disagreement.detail
+    tables.models["explanation_sanity"] = "pass"
+    tables.by_method["method_agreement_mean"] = 0.5  # at the threshold: not below it
+    assert explanation_findings(tables) == []
+    assert 'id="methods"' in render_html(tables)

@@ -9,8 +9,9 @@ from auditbench.pipeline.records import stable_seed
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(model, split, fold, **metrics):
-    return [{"model_id": model, "split": split, "fold": fold, "metric": k, "value": v} for k, v in metrics.items()]
+def _rows(model, split, fold, method="gradcam", **metrics):
+    return [{"model_id": model, "method": method, "split": split, "fold": fold, "metric": k, "value": v}
+            for k, v in metrics.items()]
 
 
 def test_external_findings_uses_best_ranked_model_evaluated_on_the_set():
@@ -33,14 +34,27 @@ def test_aggregate_models_mean_and_std_over_folds_of_the_internal_split():
 
     spec = ModelSpec("m", "resnet18", "none", 256, False, False, False, BUILTIN_TASKS["covid_vs_viral"])
     results = pd.DataFrame(
-        _rows("m", "internal", 0, accuracy=0.5) + _rows("m", "internal", 1, accuracy=1.0) + _rows("m", "ext", 0, accuracy=0.0)
+        _rows("m", "internal", 0, accuracy=0.5, lung_mass=0.2) + _rows("m", "internal", 1, accuracy=1.0, lung_mass=0.4)
+        + _rows("m", "ext", 0, accuracy=0.0, lung_mass=0.1)
+        + _rows("m", "internal", 0, "eigencam", accuracy=0.5, lung_mass=0.6)
+        + _rows("m", "internal", 1, "eigencam", accuracy=1.0, lung_mass=0.8)
     )
     images = pd.DataFrame({
-        "model_id": "m", "split": "internal", "patient_id": ["p1", "p2"], "label_index": [0, 1],
-        "correct": [True, False], "p_positive": [0.2, 0.3], "artifact_status": "absent", "border_in_view": False,
+        "model_id": "m", "method": ["gradcam"] * 2 + ["eigencam"] * 2, "split": "internal",
+        "patient_id": ["p1", "p2"] * 2, "label_index": [0, 1] * 2, "correct": [True, False] * 2,
+        "p_positive": [0.2, 0.3] * 2, "lung_mass": [0.2, 0.4, 0.6, 0.8], "artifact_status": "absent",
+        "border_in_view": False,
     })
-    geometry = {"m": {"input_size": 64, "frame": "64px", "cam_layer": "last", "cam_map_size": 2, "cam_stride": 32}}
-    row = aggregate_models(results, images, pd.DataFrame([spec.grid_row()]), 2, geometry, n_boot=50).iloc[0]
+    geometry = {("m", "gradcam"): {"input_size": 64, "frame": "64px", "cam_layer": "last", "cam_map_size": 2,
+                                   "cam_stride": 32},
+                ("m", "eigencam"): {"input_size": 64, "frame": "64px", "cam_layer": "last", "cam_map_size": 2,
+                                    "cam_stride": 32}}
+    models = aggregate_models(results, images, pd.DataFrame([spec.grid_row()]), 2, geometry, n_boot=50)
+    # One row per model and method, in the order the methods first appear; only the maps' metrics differ.
+    assert models["method"].tolist() == ["gradcam", "eigencam"]
+    assert models["lung_mass_mean"].round(12).tolist() == [0.3, 0.7]
+    assert models["accuracy_mean"].tolist() == [0.75, 0.75]
+    row = models.iloc[0]
     assert row["accuracy_mean"] == 0.75
     assert abs(row["accuracy_std"] - 0.3535533906) < 1e-9  # sample std of (0.5, 1.0)
     assert row["n_folds"] == 2 and row["task"] == "covid_vs_viral"

@@ -12,7 +12,7 @@ from torch import nn
 from auditbench.audit.metrics import MetricWarning
 from auditbench.audit.uncertainty import mean_ci
 from auditbench.explain.cam_base import explain_batch, upsample_cams
-from auditbench.explain.sanity import (
+from auditbench.audit.sanity import (
     MapSimilarity, cascading_randomisation, map_similarity, random_pair_baseline, randomisation_units,
     randomisation_verdict, scale_to_unit_range, shuffled_labels, ssim_window,
 )

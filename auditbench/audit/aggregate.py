@@ -100,32 +100,36 @@ def aggregate_models(
     images: pd.DataFrame,
     grid: pd.DataFrame,
     n_folds: int,
-    geometry: dict[str, dict],
+    geometry: dict[tuple[str, str], dict],
     n_boot: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """models.csv: grid columns, n_folds, map geometry, then per metric ``_mean``, ``_std``,
-    ``_ci_low``, ``_ci_high`` (CI over patients of the internal test images, pooled over folds; the
-    mean is the mean over folds), then ``not_applicable``."""
+    """models.csv: one row per model and explanation method (``method``, in the order of first
+    appearance in ``results``): grid columns, n_folds, map geometry (``geometry[(model_id, method)]``),
+    then per metric ``_mean``, ``_std``, ``_ci_low``, ``_ci_high`` (CI over patients of the internal
+    test images, pooled over folds; the mean is the mean over folds), then ``not_applicable``."""
+    keys = ["model_id", "method"]
     internal = results[results["split"] == INTERNAL]
-    stats = internal.groupby(["model_id", "metric"])["value"].agg(["mean", "std"]).unstack("metric")
+    stats = internal.groupby(keys + ["metric"], sort=False)["value"].agg(["mean", "std"]).unstack("metric")
     stats.columns = [f"{metric}_{stat}" for stat, metric in stats.columns]
     metrics = sorted({c.rsplit("_", 1)[0] for c in stats.columns})
     internal_images = images[images["split"] == INTERNAL] if len(images) else images
-    by_model = dict(tuple(internal_images.groupby("model_id"))) if len(internal_images) else {}
+    by_model = dict(tuple(internal_images.groupby(keys, sort=False))) if len(internal_images) else {}
     ci_rows, na_rows = {}, {}
-    for model_id in stats.index:
-        rows = by_model.get(model_id, pd.DataFrame())
+    for key in stats.index:
+        rows = by_model.get(key, pd.DataFrame())
         cis = model_cis(rows, metrics, n_boot, seed) if len(rows) else {}
-        ci_rows[model_id] = {f"{m}_ci_{side}": cis.get(m, (np.nan, np.nan))[k]
-                             for m in metrics for k, side in enumerate(("low", "high"))}
-        na_rows[model_id] = "; ".join(not_applicable(rows, stats.loc[model_id]))
-    stats = stats.join(pd.DataFrame.from_dict(ci_rows, orient="index"))
+        ci_rows[key] = {f"{m}_ci_{side}": cis.get(m, (np.nan, np.nan))[k]
+                        for m in metrics for k, side in enumerate(("low", "high"))}
+        na_rows[key] = "; ".join(not_applicable(rows, stats.loc[key]))
+    stats = stats.join(pd.DataFrame.from_dict(ci_rows, orient="index").rename_axis(keys))
     ordered = [f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "ci_low", "ci_high") if f"{m}_{stat}" in stats]
-    models = grid.set_index("model_id").copy()
+    methods = list(dict.fromkeys(results["method"])) if len(results) else []
+    # Grid order, each model's rows in method order.
+    models = grid.merge(pd.DataFrame({"method": methods}), how="cross").set_index(keys)
     models["n_folds"] = n_folds
     for column in GEOMETRY_COLUMNS:
-        models[column] = [geometry.get(m, {}).get(column) for m in models.index]
+        models[column] = [geometry.get(key, {}).get(column) for key in models.index]
     models = models.join(stats[ordered])
-    models["not_applicable"] = [na_rows.get(m, "") for m in models.index]
+    models["not_applicable"] = [na_rows.get(key, "") for key in models.index]
     return models.reset_index()

@@ -4,7 +4,7 @@ Saporta, Gui, Agrawal, Pareek, Truong, Nguyen, Ngo, Seekins, Blankenberg, Ng, Lu
 "Benchmarking saliency methods for chest X-ray interpretation", Nature Machine Intelligence 2022
 (code: github.com/rajpurkarlab/cheXlocalize). Per image:
 
-- the map is min-max scaled to [0, 1] (:func:`auditbench.explain.sanity.scale_to_unit_range`; a constant or
+- the map is min-max scaled to [0, 1] (:func:`auditbench.audit.sanity.scale_to_unit_range`; a constant or
   non-finite map is undefined: NaN);
 - **binarised** by Otsu's threshold, as CheXlocalize: the scaled map is quantised to uint8 (255 x value,
   truncated) and Otsu's threshold t is found on those 256 levels (``skimage.filters.threshold_otsu``; the first
@@ -40,7 +40,7 @@ from skimage.filters import threshold_otsu
 
 from auditbench.audit.metrics import stack_optional_masks
 from auditbench.audit.uncertainty import mean_ci
-from auditbench.explain.sanity import scale_to_unit_range
+from auditbench.audit.sanity import scale_to_unit_range
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "ThresholdTuning", "binarise", "hit_rate", "iou", "localisation_scores",

@@ -1,7 +1,9 @@
 """Metric registry, per-image attention metrics and classification metrics.
 
 Every metric the pipeline reports is declared once in :data:`METRICS` with its direction
-(``higher_is_better``); ranking, validation and ``check`` read directions from there.
+(``higher_is_better``); ranking, validation and ``check`` read directions from there. Each is registered by
+decorating the function that computes it (``@METRICS.register(name, higher_is_better=..., kind=...,
+description=...)``, see :mod:`auditbench.registry`), which becomes its :class:`MetricInfo`.
 Confusion-matrix counts (tn, fp, fn, tp) are reported by :func:`classification_metrics` but are
 not registered: they are counts, not scores, so they can be neither ranked nor constrained.
 
@@ -13,18 +15,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from auditbench.data.transforms import border_band  # noqa: F401  (re-exported: metrics' border region)
 from auditbench.registry import Registry
 
 # "probe": one value per data set (and backbone or model), not a mean of per-image values, computed by
 # ``audit.probes`` outside a cell's per-image evaluation; its uncertainty comes with its own result.
-MetricKind = Literal["classification", "attention", "occlusion", "behaviour", "probe"]
+MetricKind = Literal["classification", "attention", "occlusion", "behaviour", "probe", "agreement"]
 Region = Literal["lung", "border", "artifact"]
 
 
@@ -34,7 +36,12 @@ class MetricWarning(UserWarning):
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """What a metric means and which direction is better.
+    """What a metric means, which direction is better, and (where this module can) how it is computed.
+
+    ``compute``: attention metrics ``(AttentionInputs) -> (N,)`` per-image values; classification metrics
+    ``(y_true, p_positive, threshold) -> float`` on checked arrays (:func:`classification_metrics`); None for
+    the kinds computed elsewhere. ``detector`` (default: attention and occlusion metrics) marks a metric that
+    claims to detect shortcut reliance, which the validation table scores against the behavioural label.
 
     ``region``: the image region the metric measures. Where that region is out of the model's view
     by construction (the crop removed the border band, or every artifact), the metric is "not
@@ -43,13 +50,19 @@ class MetricInfo:
     """
 
     name: str
+    compute: Callable[..., Any] | None
     higher_is_better: bool
     kind: MetricKind
     description: str
     citation: str = ""
     region: Region | None = None
-    detector: bool = False  # claims to detect shortcut reliance: the validation study scores it
-    compute: Callable[["AttentionInputs"], np.ndarray] | None = None  # attention metrics: per-image values
+    detector: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.detector is None:
+            object.__setattr__(self, "detector", self.kind in ("attention", "occlusion"))
+        if self.kind in ("attention", "classification") and self.compute is None:
+            raise ValueError(f"{self.kind} metric {self.name!r} needs its compute function")
 
     @property
     def not_applicable_when_undefined(self) -> bool:
@@ -57,32 +70,7 @@ class MetricInfo:
         return self.region in ("border", "artifact")
 
 
-METRICS = Registry[MetricInfo]("metric")
-
-
-def register_metric(
-    name: str,
-    *,
-    higher_is_better: bool,
-    kind: MetricKind,
-    description: str,
-    citation: str = "",
-    region: Region | None = None,
-    detector: bool | None = None,
-    compute: Callable[["AttentionInputs"], np.ndarray] | None = None,
-) -> MetricInfo:
-    """Declare a metric in :data:`METRICS` and return its entry. ``detector`` (default: attention
-    and occlusion metrics) marks a metric that claims to detect shortcut reliance, which the
-    validation table then scores against the behavioural label. An attention metric carries its
-    ``compute`` (per-image values from :class:`AttentionInputs`): registering one is all it takes
-    for the run, its tables, the report and ``check`` to have it."""
-    if detector is None:
-        detector = kind in ("attention", "occlusion")
-    if kind == "attention" and compute is None:
-        raise ValueError(f"attention metric {name!r} needs its compute function")
-    info = MetricInfo(name, higher_is_better, kind, description, citation, region, detector, compute)
-    METRICS.add(name, info)
-    return info
+METRICS = Registry[MetricInfo]("metric", entry=MetricInfo)
 
 
 def metric_names(kind: MetricKind) -> list[str]:
@@ -97,98 +85,172 @@ _OCCLUSION = (
     "BMVC 2018) and ROAD (Rong et al., ICML 2022)"
 )
 
-for _name, _text in [
-    ("accuracy", "fraction of images classified correctly (positive when p > threshold)"),
-    ("balanced_accuracy", "(sensitivity + specificity) / 2"),
-    ("roc_auc", "area under the ROC curve of p(positive)"),
-    ("sensitivity", "tp / (tp + fn), recall of the positive class"),
-    ("specificity", "tn / (tn + fp), recall of the negative class"),
-]:
-    register_metric(_name, higher_is_better=True, kind="classification", description=_text)
-del _name, _text
+# ------------------------------------------------- classification: (y_true, p_positive, threshold) -> score
+
+
+def confusion_counts(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
+    """(tn, fp, fn, tp) as floats; an image is predicted positive when p > threshold."""
+    positive, predicted = np.asarray(y_true) == 1, np.asarray(p_positive) > threshold
+    return tuple(float(np.sum(a & b)) for a, b in
+                 ((~positive, ~predicted), (~positive, predicted), (positive, ~predicted), (positive, predicted)))
+
+
+def _recall(hits: float, misses: float) -> float:
+    return hits / (hits + misses) if hits + misses > 0 else np.nan
+
+
+@METRICS.register("accuracy", higher_is_better=True, kind="classification",
+                  description="fraction of images classified correctly (positive when p > threshold)")
+def accuracy(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> float:
+    tn, _, _, tp = confusion_counts(y_true, p_positive, threshold)
+    return (tp + tn) / len(y_true)
+
+
+@METRICS.register("balanced_accuracy", higher_is_better=True, kind="classification",
+                  description="(sensitivity + specificity) / 2")
+def balanced_accuracy(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> float:
+    # sensitivity and specificity are registered below (after roc_auc, the order of every table's columns)
+    return (sensitivity.compute(y_true, p_positive, threshold) + specificity.compute(y_true, p_positive, threshold)) / 2
+
+
+@METRICS.register("roc_auc", higher_is_better=True, kind="classification",
+                  description="area under the ROC curve of p(positive)")
+def roc_auc(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> float:
+    both_classes = 0 < np.sum(np.asarray(y_true) == 1) < len(y_true)
+    return float(roc_auc_score(y_true, p_positive)) if both_classes else np.nan
+
+
+@METRICS.register("sensitivity", higher_is_better=True, kind="classification",
+                  description="tp / (tp + fn), recall of the positive class")
+def sensitivity(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> float:
+    _, _, fn, tp = confusion_counts(y_true, p_positive, threshold)
+    return _recall(tp, fn)
+
+
+@METRICS.register("specificity", higher_is_better=True, kind="classification",
+                  description="tn / (tn + fp), recall of the negative class")
+def specificity(y_true: np.ndarray, p_positive: np.ndarray, threshold: float) -> float:
+    tn, fp, _, _ = confusion_counts(y_true, p_positive, threshold)
+    return _recall(tn, fp)
+
+
+# ------------------------------------------------------------------- attention: (AttentionInputs) -> (N,)
 
 _CELL = "scored on the artifact mask dilated by one map cell (the map cannot place mass more finely)"
-register_metric(
+
+
+@METRICS.register(
     "lung_mass", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
-    compute=lambda a: relevance_mass(a.heatmaps, a.lungs),
     description="sum(H over lung mask) / sum(H): share of Grad-CAM mass on the lungs",
 )
-register_metric(
+def lung_mass(a: AttentionInputs) -> np.ndarray:
+    return relevance_mass(a.heatmaps, a.lungs)
+
+
+@METRICS.register(
     "border_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="border",
-    compute=lambda a: relevance_mass(a.heatmaps, a.border),
     description="sum(H over the border band) / sum(H); the band is defined on the source image (the generator's "
     "marker band), NaN (not applicable) where the crop removed it",
 )
-register_metric(
+def border_mass(a: AttentionInputs) -> np.ndarray:
+    return relevance_mass(a.heatmaps, a.border)
+
+
+@METRICS.register(
     "artifact_mass", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
-    compute=lambda a: relevance_mass(a.heatmaps, a.artifacts),
     description=f"sum(H over artifacts) / sum(H), {_CELL}; NaN (not applicable) without an artifact in view",
 )
-register_metric(
+def artifact_mass(a: AttentionInputs) -> np.ndarray:
+    return relevance_mass(a.heatmaps, a.artifacts)
+
+
+@METRICS.register(
     "artifact_enrichment", higher_is_better=False, kind="attention", citation=_ARRAS, region="artifact",
-    compute=lambda a: enrichment(a.values["artifact_mass"], a.artifacts),
     description=f"artifact_mass / (artifact area / image area), {_CELL}: 1.0 = no preference, above 1 = drawn "
     "to the artifact",
 )
-register_metric(
+def artifact_enrichment(a: AttentionInputs) -> np.ndarray:
+    return enrichment(a.values["artifact_mass"], a.artifacts)  # registered before: computed before
+
+
+@METRICS.register(
     "lung_enrichment", higher_is_better=True, kind="attention", citation=_ARRAS, region="lung",
-    compute=lambda a: enrichment(a.values["lung_mass"], a.lungs),
     description="lung_mass / (lung area / image area): 1.0 = no preference for the lungs",
 )
-register_metric(
+def lung_enrichment(a: AttentionInputs) -> np.ndarray:
+    return enrichment(a.values["lung_mass"], a.lungs)
+
+
+@METRICS.register(
     "pointing_game", higher_is_better=True, kind="attention", citation=_ZHANG, region="lung",
-    compute=lambda a: pointing_game(a.heatmaps, a.lungs, tolerance_px=a.cell_px),
     description="1 if the argmax of H lies within one map cell of the lung mask, else 0 (the original allows 15 px)",
 )
-register_metric(
+def lung_pointing_game(a: AttentionInputs) -> np.ndarray:  # not "pointing_game": that is the function below
+    return pointing_game(a.heatmaps, a.lungs, tolerance_px=a.cell_px)
+
+
+# ---------------------------------------------------------------- occlusion, behaviour and probe metrics
+# Their values are computed by modules that import this one (audit.occlusion, audit.probes, the run's evaluate
+# stage): registering their functions here would make an import cycle. So the decorator is applied to None
+# (compute=None) and the entry carries direction, region and description only.
+
+METRICS.register(
     "artifact_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION, region="artifact",
     description="|p(x) - p(x with the artifacts' resampling footprint inpainted from outside it)|; NaN without an "
     "artifact in view",
-)
-register_metric(
+)(None)
+METRICS.register(
     "border_occlusion_effect", higher_is_better=False, kind="occlusion", citation=_OCCLUSION, region="border",
     description="|p(x) - p(x with the border band inpainted from the pixels inside it)|; NaN where the crop removed "
     "the band",
-)
-register_metric(
+)(None)
+METRICS.register(
     "lung_occlusion_effect", higher_is_better=True, kind="occlusion", citation=_OCCLUSION, region="lung",
     description="|p(x) - p(x with the lungs filled with their median intensity)|",
-)
-register_metric(
+)(None)
+METRICS.register(
     "shortcut_reliance", higher_is_better=False, kind="behaviour", region="artifact",
     citation="Geirhos et al., Shortcut learning in deep neural networks, Nature MI 2020 (counterfactual test)",
     description="synthetic data: mean |p(x) - p(clean twin of x)| over decorrelated test images with a marker: how "
     "much the model's output depends on the marker (the validation's ground truth)",
-)
-register_metric(
+)(None)
+METRICS.register(
     "shortcut_accuracy_drop", higher_is_better=False, kind="behaviour", detector=True,
     citation="DeGrave, Janizek, Lee, Nature MI 2021 (accuracy lost when the shortcut is decorrelated)",
     description="synthetic data: accuracy on test images drawn with the training bias minus accuracy on "
     "decorrelated test images",
-)
+)(None)
 _SOURCE_PROBE = (
     "DeGrave, Janizek, Lee, AI for radiographic COVID-19 detection selects shortcuts over signal, Nature MI 2021; "
     "Zech et al., PLoS Medicine 2018 (CNNs identify the hospital); Alain & Bengio 2017 (linear probes)"
 )
-register_metric(
+METRICS.register(
     "source_probe_accuracy", higher_is_better=False, kind="probe", citation=_SOURCE_PROBE,
     description="within each class, chance-adjusted balanced accuracy ((BA - 1/K) / (1 - 1/K), K sources) of a "
     "patient-grouped cross-validated linear probe predicting the image's source from pooled backbone features, "
     "averaged over classes: 0 = the source is not readable, 1 = perfectly readable (a shortcut is available)",
-)
-register_metric(
+)(None)
+METRICS.register(
     "outside_lung_probe_accuracy", higher_is_better=False, kind="probe", citation=_SOURCE_PROBE,
     description="source_probe_accuracy on features of the images with the lungs filled with their median "
     "intensity (the lung_occlusion_effect fill): the source is readable from outside the lungs",
-)
-register_metric(
+)(None)
+METRICS.register(
     "lungs_removed_auc", higher_is_better=False, kind="probe", region="lung", detector=True,
     citation="Maguolo & Nanni, A critic evaluation of methods for COVID-19 automatic detection from X-ray "
     "images, Information Fusion 2021",
     description="ROC AUC of p(positive) on the test images with the lungs filled with their median intensity: "
     "0.5 = the model needs the lungs, near the intact AUC = it does not (lower is better down to 0.5; well "
     "below 0.5 also separates, inverted)",
-)
+)(None)
+# Computed by pipeline.evaluate from two methods' maps (audit.agreement.rank_agreement, which imports this module).
+METRICS.register(
+    "method_agreement", higher_is_better=True, kind="agreement",
+    citation="Krishna et al., The disagreement problem in explainable machine learning, TMLR 2024; Arun et al., "
+    "Radiology: AI 2021",
+    description="per image, Spearman rank correlation of this method's map with the primary explanation method's "
+    "map (explain.method[0]): 1 = the same pixel ranking; NaN on the primary method's own rows",
+)(None)
 
 
 # ----------------------------------------------------------------------------- attention metrics
@@ -364,7 +426,8 @@ def attention_metrics(
 def classification_metrics(
     y_true: np.ndarray, p_positive: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
-    """accuracy, balanced_accuracy, roc_auc, sensitivity, specificity and tn, fp, fn, tp.
+    """Every registered classification metric (accuracy, balanced_accuracy, roc_auc, sensitivity,
+    specificity, in registration order), then the unregistered counts tn, fp, fn, tp.
 
     An image is predicted positive when p > threshold (the argmax of two softmax outputs at 0.5).
     With one class only, roc_auc, balanced_accuracy and the recall of the missing class are NaN and
@@ -378,23 +441,13 @@ def classification_metrics(
         raise ValueError(f"y_true must hold 0 and 1 only, got {np.unique(y_true)}")
     if not np.isfinite(p_positive).all():
         raise ValueError("p_positive contains NaN or infinite values")
-    y_pred = (p_positive > threshold).astype(int)
-    tn, fp, fn, tp = (float(v) for v in confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
-
-    both_classes = tp + fn > 0 and tn + fp > 0
-    if not both_classes:
+    tn, fp, fn, tp = confusion_counts(y_true, p_positive, threshold)
+    if not (tp + fn > 0 and tn + fp > 0):
         warnings.warn(
             f"only class {int(y_true[0])} is present in {len(y_true)} labels: roc_auc, balanced_accuracy "
             f"and {'sensitivity' if y_true[0] == 0 else 'specificity'} are NaN",
             MetricWarning, stacklevel=2,
         )
-    sensitivity = tp / (tp + fn) if tp + fn > 0 else np.nan
-    specificity = tn / (tn + fp) if tn + fp > 0 else np.nan
-    return {
-        "accuracy": (tp + tn) / len(y_true),
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "roc_auc": float(roc_auc_score(y_true, p_positive)) if both_classes else np.nan,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
-    }
+    scores = {name: info.compute(y_true, p_positive, threshold)
+              for name, info in METRICS.in_registration_order() if info.kind == "classification"}
+    return {**scores, "tn": tn, "fp": fp, "fn": fn, "tp": tp}

@@ -1,9 +1,14 @@
 """The data set registry: name -> adapter that loads a public data set in its own layout.
 
 An adapter has ``load(root, options, max_side) -> LoadedDataset``. Built-in adapters
-(``ieee8023``, ``kermany``, ``manifest``) register on import of this module; other modules add
-theirs with ``@dataset_adapter("name", options={...})`` on a load function, or
-``DATASETS.add("name", obj)`` for any object with a matching ``load`` method.
+(``ieee8023``, ``kermany``, ``manifest``, ``shenzhen_montgomery``) register on import of this module.
+A data set is registered by decorating its load function (:mod:`auditbench.registry`)::
+
+    @DATASETS.register("kermany", options={"splits": "upstream split folders to read"})
+    def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset: ...
+
+which becomes a :class:`FunctionAdapter` (the decorator returns it). An object that already has a
+matching ``load`` method is registered as it is with the low-level ``DATASETS.add("name", obj)``.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import csv
 import difflib
 import hashlib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -31,22 +36,39 @@ class DatasetAdapter(Protocol):
     def load(self, root: Path, options: dict, max_side: int | None) -> LoadedDataset: ...
 
 
-DATASETS = Registry[DatasetAdapter]("dataset")
-
-
 @dataclass(frozen=True)
 class FunctionAdapter:
-    """An adapter made of a load function and the options it accepts (name -> description).
+    """The entry type of :data:`DATASETS`: a data set made of its function and what it declares.
 
-    ``load`` rejects an unknown option (DataError naming it and the accepted ones), defaults
-    ``source`` to the data set's name, then calls the function.
+    A **reader** (the default) has a load function ``(root, options, max_side) -> LoadedDataset`` and
+    the options it accepts (name -> description; :data:`COMMON_OPTIONS` are added). ``load`` rejects
+    an unknown option (DataError naming it and the accepted ones), defaults ``source`` to the data
+    set's name, then calls the function.
+
+    A **generator** (``axes`` given) makes its images: its function is ``(protocol, task, axis_values,
+    check_folds) -> TaskData`` (:meth:`task_data`); ``axes(protocol)`` gives the grid axes of its data
+    (name -> values), ``axis_fields`` the protocol field each axis is read from, and ``known_answer``
+    the behavioural metric it makes measurable (the validation's ground truth), if any.
     """
 
     name: str
-    function: LoadFunction
-    options: Mapping[str, str]
+    function: Callable[..., Any]
+    options: Mapping[str, str] = field(default_factory=dict)
+    axes: Callable[[Any], dict[str, list]] | None = None
+    axis_fields: Mapping[str, str] = field(default_factory=dict)
+    known_answer: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", {**COMMON_OPTIONS, **self.options})
+
+    @property
+    def generates(self) -> bool:
+        return self.axes is not None
 
     def load(self, root: Path, options: dict | None, max_side: int | None) -> LoadedDataset:
+        if self.generates:
+            raise DataError(f"data set {self.name!r} generates its images and reads no folder: use "
+                            f"data.dataset: {self.name}, not a data.sources entry")
         options = dict(options or {})
         check_options(self.name, options, self.options)
         options.setdefault("source", self.name)
@@ -54,15 +76,14 @@ class FunctionAdapter:
         remove_duplicates(loaded)
         return loaded
 
+    def task_data(self, protocol, task, axis_values: dict, check_folds: bool = True):
+        """A generator's images of one task and one cell of its data axes (``TaskData``)."""
+        if not self.generates:
+            raise DataError(f"data set {self.name!r} reads files: list it under data.sources")
+        return self.function(protocol, task, axis_values, check_folds)
 
-def dataset_adapter(name: str, options: Mapping[str, str]) -> Callable[[LoadFunction], LoadFunction]:
-    """Register ``function(root, options, max_side)`` as data set ``name``; returns it unchanged."""
 
-    def decorator(function: LoadFunction) -> LoadFunction:
-        DATASETS.add(name, FunctionAdapter(name, function, {**COMMON_OPTIONS, **options}))
-        return function
-
-    return decorator
+DATASETS = Registry[DatasetAdapter]("dataset", entry=FunctionAdapter)
 
 
 def check_options(dataset: str, options: Mapping[str, Any], allowed: Mapping[str, str]) -> None:
@@ -99,16 +120,15 @@ def list_dir(path: Path, limit: int = 8) -> str:
 
 
 def read_utf8(path: Path) -> str:
-    """The text of a CSV file (UTF-8, optional BOM), or DataError naming the line and byte that is not UTF-8."""
-    data = path.read_bytes()
+    """The text of a CSV file (UTF-8, optional BOM), or DataError naming the line and byte that is not UTF-8
+    (:mod:`auditbench.textio`, shared with the protocol loader)."""
+    from auditbench.textio import NotUtf8, read_utf8_text
+
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return read_utf8_text(path, strip_bom=True)
+    except NotUtf8 as exc:
         raise DataError(
-            f"{path}, line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start} (column {column}) is not UTF-8; "
-            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            f"{exc.where} (column {exc.column}) is not UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
 
 
@@ -233,8 +253,29 @@ def require_samples(dataset: str, root: Path, samples: list[Sample], skipped: li
     raise DataError(f"{dataset}: no usable images under {root} (looked for {looked_for}); found {found}")
 
 
+def generator_of(protocol) -> FunctionAdapter | None:
+    """The generator that makes a protocol's data (``data.dataset``), or None for ``data.sources``."""
+    if protocol.data.dataset == "sources":
+        return None
+    adapter = DATASETS.get(protocol.data.dataset)
+    if not getattr(adapter, "generates", False):
+        raise DataError(f"data.dataset: {protocol.data.dataset!r} reads files; use data.dataset: sources and list it "
+                        f"under data.sources (generators: {', '.join(generator_names()) or 'none'})")
+    return adapter
+
+
+def generator_names() -> list[str]:
+    return [name for name, adapter in DATASETS.items() if getattr(adapter, "generates", False)]
+
+
+def data_axes(protocol) -> dict[str, list]:
+    """The grid axes of a protocol's data, as its generator declares them (real data: none)."""
+    generator = generator_of(protocol)
+    return generator.axes(protocol) if generator is not None else {}
+
+
 def _register_builtin() -> None:
-    for module in ("ieee8023", "kermany", "manifest", "shenzhen_montgomery"):
+    for module in ("ieee8023", "kermany", "manifest", "shenzhen_montgomery", "synthetic_adapter"):
         importlib.import_module(f"auditbench.data.{module}")
 
 

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from auditbench.data.datasets import (
-    csv_rows, dataset_adapter, inside, list_dir, read_mask_or_skip, read_or_skip, read_utf8, require_dir, require_samples,
+    DATASETS, csv_rows, inside, list_dir, read_mask_or_skip, read_or_skip, read_utf8, require_dir, require_samples,
 )
 from auditbench.data.io import ImageReadError, MaskError, read_v7_mask
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
@@ -120,7 +120,7 @@ def _masks(root: Path, stem: str, shape: tuple[int, int], source: str, skipped: 
     return found
 
 
-@dataset_adapter(
+@DATASETS.register(
     NAME,
     options={
         "views": f"views to keep (default {list(DEFAULT_VIEWS)}; 'L' is lateral)",

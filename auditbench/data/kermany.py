@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from auditbench.data.datasets import dataset_adapter, list_dir, read_or_skip, require_dir, require_samples
+from auditbench.data.datasets import DATASETS, list_dir, read_or_skip, require_dir, require_samples
 from auditbench.data.io import IMAGE_SUFFIXES
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
 
@@ -53,7 +53,7 @@ def _splits(option: object, folder: Path) -> list[str]:
     return list(chosen)
 
 
-@dataset_adapter(NAME, options={"splits": f"upstream split folders to read (default: those present of {list(SPLITS)})"})
+@DATASETS.register(NAME, options={"splits": f"upstream split folders to read (default: those present of {list(SPLITS)})"})
 def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
     """All images of the chosen split folders; the upstream split is kept in ``extra["split"]``.
 

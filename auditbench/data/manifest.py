@@ -12,7 +12,7 @@ import os
 from pathlib import Path, PureWindowsPath
 
 from auditbench.data.datasets import (
-    csv_rows, dataset_adapter, inside, read_mask_or_skip, read_or_skip, read_utf8, require_samples,
+    DATASETS, csv_rows, inside, read_mask_or_skip, read_or_skip, read_utf8, require_samples,
 )
 from auditbench.data.records import DataError, LoadedDataset, Sample, SkippedFile
 
@@ -42,7 +42,7 @@ def _resolve(cell: str, base: Path, csv_path: Path, line: int, column: str) -> P
     return path
 
 
-@dataset_adapter(NAME, options={})
+@DATASETS.register(NAME, options={})
 def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
     """The rows of the CSV ``root`` (or ``root/manifest.csv``).
 

@@ -96,7 +96,7 @@ def to_frames(samples: list[Sample], frame: FrameSpec, border_fraction: float) -
                   masks["artifact_footprint"], masks["border_footprint"], status.astype(str))
 
 
-def _select_task(samples: list[Sample], task: TaskSpec) -> tuple[list[int], np.ndarray]:
+def select_task(samples: list[Sample], task: TaskSpec) -> tuple[list[int], np.ndarray]:
     keep, labels = [], []
     for i, sample in enumerate(samples):
         index = task.label_index(sample.label)
@@ -106,7 +106,7 @@ def _select_task(samples: list[Sample], task: TaskSpec) -> tuple[list[int], np.n
     return keep, np.asarray(labels, dtype=np.int64)
 
 
-def _balance(keep: list[int], labels: np.ndarray, data: DataSpec, seed: int) -> tuple[list[int], np.ndarray]:
+def balance_classes(keep: list[int], labels: np.ndarray, data: DataSpec, seed: int) -> tuple[list[int], np.ndarray]:
     """``cap``: at most cap_per_class images per class; ``balance``: down-sample to the smallest class."""
     if data.balance == "none":
         return keep, labels
@@ -123,7 +123,7 @@ def _balance(keep: list[int], labels: np.ndarray, data: DataSpec, seed: int) -> 
     return [keep[i] for i in chosen], labels[chosen]
 
 
-def _check_classes(labels: np.ndarray, task: TaskSpec, where: str, found: dict[str, int]) -> None:
+def check_classes(labels: np.ndarray, task: TaskSpec, where: str, found: dict[str, int]) -> None:
     counts = np.bincount(labels, minlength=2) if len(labels) else np.zeros(2, int)
     for index, name in enumerate(task.class_names):
         if counts[index] == 0:
@@ -135,7 +135,7 @@ def _check_classes(labels: np.ndarray, task: TaskSpec, where: str, found: dict[s
 
 def outside_task_note(samples: list[Sample], task: TaskSpec, where: str) -> str | None:
     """One line counting the images whose raw label the task leaves out, per label; None if none."""
-    outside = _raw_counts([s for s in samples if task.label_index(s.label) is None])
+    outside = raw_label_counts([s for s in samples if task.label_index(s.label) is None])
     if not outside:
         return None
     counts = ", ".join(f"{label} {n}" for label, n in sorted(outside.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -147,63 +147,16 @@ def outside_task_note(samples: list[Sample], task: TaskSpec, where: str) -> str 
     )
 
 
-def _check_folds(protocol: Protocol, task: TaskSpec, labels: np.ndarray, groups: np.ndarray, where: str) -> None:
+def check_fold_sizes(protocol: Protocol, task: TaskSpec, labels: np.ndarray, groups: np.ndarray, where: str) -> None:
     from auditbench.data.splits import check_fold_counts
 
     check_fold_counts(labels, groups, protocol.training.folds, protocol.training.val_fraction,
                       task.class_names, f"{where}, task {task.name!r}")
 
 
-def _raw_counts(samples: list[Sample]) -> dict[str, int]:
+def raw_label_counts(samples: list[Sample]) -> dict[str, int]:
     values, counts = np.unique([s.label for s in samples], return_counts=True) if samples else ([], [])
     return dict(zip(map(str, values), map(int, counts)))
-
-
-def _generate_synthetic(config, shortcut_strength: float, variant: str) -> list[Sample]:
-    """One view of the phantoms. Views that hold the same images (the decorrelated test view of
-    every training strength) share cached features by content (``records.content_key``)."""
-    from auditbench.data.synthetic import generate
-
-    return generate(config, shortcut_strength, variant).samples
-
-
-def synthetic_task_data(protocol: Protocol, task: TaskSpec, axes: dict, check_folds: bool = True) -> TaskData:
-    """One cell of the synthetic data axes (``shortcut_strength``, ``artifact_placement``,
-    ``data_seed``): training view, decorrelated test view and the test images' clean twins.
-    ``check_folds=False``: images that are only tested (``auditbench audit``) need no folds."""
-    from auditbench.data.synthetic import SyntheticConfig
-
-    spec = protocol.data.synthetic
-    kwargs = dict(
-        n_images=spec.n_images,
-        image_size=spec.image_size,
-        classes=tuple(spec.classes),
-        positive_class=task.positive if task.positive in spec.classes else spec.classes[0],
-        base_artifact_rate=spec.base_artifact_rate,
-        artifact_band=spec.artifact_band,
-        artifact_placement=axes["artifact_placement"],
-        seed=axes["data_seed"],
-    )
-    if spec.disease_strength is not None:
-        kwargs["disease_strength"] = spec.disease_strength
-    config = SyntheticConfig(**kwargs)
-    train_view = _generate_synthetic(config, axes["shortcut_strength"], "train")
-    test_view = _generate_synthetic(config, spec.test_shortcut_strength, "test")
-    # The same test images without any marker: the counterfactual that measures reliance.
-    clean_view = _generate_synthetic(dataclasses.replace(config, base_artifact_rate=0.0), 0.0, "test")
-    keep, labels = _select_task(train_view, task)
-    _check_classes(labels, task, "synthetic data", _raw_counts(train_view))
-    keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
-    groups = np.array([train_view[i].patient_id for i in keep])
-    if check_folds:
-        _check_folds(protocol, task, labels, groups, "synthetic data")
-    return TaskData(
-        train_view=[train_view[i] for i in keep],
-        test_view=[test_view[i] for i in keep],
-        labels=labels,
-        groups=groups,
-        clean_view=[clean_view[i] for i in keep],
-    )
 
 
 def _source_root(data: DataSpec, source: SourceSpec, base: Path) -> Path:
@@ -274,17 +227,17 @@ def real_task_data(protocol: Protocol, task: TaskSpec, internal: LoadedDataset, 
 
     for name, loaded in external.items():
         remove_duplicates(loaded, kept=internal.samples, where=f" (external set {name!r} vs data.sources)")
-    keep, labels = _select_task(internal.samples, task)
-    _check_classes(labels, task, "data.sources", _raw_counts(internal.samples))
+    keep, labels = select_task(internal.samples, task)
+    check_classes(labels, task, "data.sources", raw_label_counts(internal.samples))
     notes = [outside_task_note(internal.samples, task, "data.sources")]
-    keep, labels = _balance(keep, labels, protocol.data, protocol.seed)
+    keep, labels = balance_classes(keep, labels, protocol.data, protocol.seed)
     samples = [internal.samples[i] for i in keep]
     groups = np.array([s.patient_id for s in samples])
     if check_folds:
-        _check_folds(protocol, task, labels, groups, "data.sources")
+        check_fold_sizes(protocol, task, labels, groups, "data.sources")
     task_external = {}
     for name, loaded in external.items():
-        ext_keep, ext_labels = _select_task(loaded.samples, task)
+        ext_keep, ext_labels = select_task(loaded.samples, task)
         notes.append(outside_task_note(loaded.samples, task, f"external set {name!r}"))
         if ext_keep:
             task_external[name] = ([loaded.samples[i] for i in ext_keep], ext_labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from auditbench.data.datasets import dataset_adapter, read_mask_or_skip, read_or_skip, require_dir, require_samples
+from auditbench.data.datasets import DATASETS, read_mask_or_skip, read_or_skip, require_dir, require_samples
 from auditbench.data.io import IMAGE_SUFFIXES
 from auditbench.data.records import LoadedDataset, Sample, SkippedFile
 
@@ -19,7 +19,7 @@ LABELS = {"0": "normal", "1": "tuberculosis"}
 HOSPITALS = {"CHNCXR": "shenzhen", "MCUCXR": "montgomery"}
 
 
-@dataset_adapter(NAME, options={"labels": f"raw labels to keep (default all of {sorted(LABELS.values())})"})
+@DATASETS.register(NAME, options={"labels": f"raw labels to keep (default all of {sorted(LABELS.values())})"})
 def load(root: Path, options: dict, max_side: int | None) -> LoadedDataset:
     """Every image in ``cxr/`` with its ``masks/`` lung mask; each image is its own patient.
 

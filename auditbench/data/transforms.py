@@ -18,9 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The study resized to 300 px and centre-cropped 224, removing 38 px per side (12.7%, not the 8%
-# its text says); the ratio is kept and scaled to any input size.
-STUDY_CROP_RATIO = 38 / 300
+from auditbench.protocol.schema import STUDY_CROP_RATIO  # noqa: F401  (the protocol's default crop, re-exported)
 
 
 @dataclass(frozen=True)

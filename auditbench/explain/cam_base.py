@@ -11,7 +11,11 @@ A method provides only its weights and weighted sum (a pre-ReLU map); this modul
 - **Maps**: ReLU of the method's map, in float32, at the level's resolution; never min-max normalised.
   :func:`upsample_cams` brings them to the input size.
 
-Two kinds of method, both registered in :data:`CAM_METHODS` with its decorator:
+Two kinds of method, both registered in :data:`CAM_METHODS` by decorating the method's function (see
+:mod:`auditbench.registry`), which becomes the registered method object:
+``@CAM_METHODS.register("gradcam", title="Grad-CAM")`` on ``function(A, G)`` builds a :class:`FeatureCam`;
+``@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64)`` on
+``function(context)`` builds an :class:`InputCam` (:func:`cam_method` is the entry type).
 
 - :class:`FeatureCam` (``needs_input = False``): needs only the head and the level's activations (and their
   gradients). Called as ``cam(head, features, target, score=...)`` on cached features at ``"last"``, or
@@ -47,7 +51,7 @@ from auditbench.registry import Registry
 
 __all__ = [
     "CAM_METHODS", "SCORES", "CamFunction", "CamResult", "FeatureCam", "InputCam", "InputContext", "LevelPass",
-    "Score", "Target", "explain_batch", "feature_cam", "input_cam", "resolve_method", "upsample_cams",
+    "Score", "Target", "cam_method", "explain_batch", "resolve_method", "upsample_cams",
 ]
 
 
@@ -56,10 +60,6 @@ class CamFunction(Protocol):
 
     def __call__(self, head: nn.Module, features: Tensor, target: Target, *, score: Score = "log_odds") -> Tensor:
         ...
-
-
-# Entries are FeatureCam or InputCam objects; ``entry.needs_input`` tells the two kinds apart.
-CAM_METHODS = Registry[Any]("CAM method")
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,15 @@ class CamResult:
 
 
 class _CamMethod:
-    """What both kinds share: a name for messages, the method's function and its docstring."""
+    """What both kinds share: the registered name, a title for messages, the method's function and its docstring."""
 
     needs_input: bool
     uses_gradients: bool
 
-    def __init__(self, function: Callable[..., Any], title: str):
+    def __init__(self, name: str, function: Callable[..., Any], title: str):
         functools.update_wrapper(self, function, updated=())  # __doc__, __name__, __qualname__, __module__
         del self.__wrapped__  # inspect.signature shows the call signature, not the function's (A, G)
+        self.name = name
         self.function = function
         self.title = title
 
@@ -95,8 +96,9 @@ class FeatureCam(_CamMethod):
 
     needs_input = False
 
-    def __init__(self, function: Callable[[Tensor, Optional[Tensor]], Tensor], title: str, uses_gradients: bool):
-        super().__init__(function, title)
+    def __init__(self, name: str, function: Callable[[Tensor, Optional[Tensor]], Tensor], title: str,
+                 uses_gradients: bool = True):
+        super().__init__(name, function, title)
         self.uses_gradients = uses_gradients
 
     def __call__(self, head: nn.Module, features: Tensor, target: Target, score: Score = "log_odds") -> Tensor:
@@ -180,9 +182,9 @@ class InputCam(_CamMethod):
 
     needs_input = True
 
-    def __init__(self, function: Callable[[InputContext], tuple[Tensor, Tensor, Tensor]], title: str,
-                 uses_gradients: bool, batch_size: int):
-        super().__init__(function, title)
+    def __init__(self, name: str, function: Callable[[InputContext], tuple[Tensor, Tensor, Tensor]], title: str,
+                 uses_gradients: bool = True, batch_size: int = 64):
+        super().__init__(name, function, title)
         self.uses_gradients = uses_gradients
         self.batch_size = batch_size
 
@@ -212,14 +214,20 @@ class InputCam(_CamMethod):
         return torch.relu(maps.float()), logits, targets
 
 
-def feature_cam(title: str, uses_gradients: bool = True) -> Callable[[Callable[..., Tensor]], FeatureCam]:
-    """Decorator: ``function(A, G) -> pre-ReLU map`` becomes a :class:`FeatureCam` (register it on top)."""
-    return lambda function: FeatureCam(function, title, uses_gradients)
+def cam_method(name: str, function: Callable[..., Any], *, title: str, needs_input: bool = False,
+               uses_gradients: bool = True, batch_size: Optional[int] = None) -> Union[FeatureCam, InputCam]:
+    """The entry type of :data:`CAM_METHODS`: ``function(A, G) -> pre-ReLU map`` becomes a :class:`FeatureCam`;
+    with ``needs_input=True``, ``function(context) -> (pre-ReLU map, logits, targets)`` becomes an
+    :class:`InputCam` whose extra forward passes take ``batch_size`` images at a time (default 64)."""
+    if needs_input:
+        return InputCam(name, function, title, uses_gradients, 64 if batch_size is None else batch_size)
+    if batch_size is not None:
+        raise TypeError(f"CAM method {name!r}: batch_size is for input-level methods (needs_input=True) only")
+    return FeatureCam(name, function, title, uses_gradients)
 
 
-def input_cam(title: str, uses_gradients: bool, batch_size: int = 64) -> Callable[[Callable[..., Any]], InputCam]:
-    """Decorator: ``function(context) -> (pre-ReLU map, logits, targets)`` becomes an :class:`InputCam`."""
-    return lambda function: InputCam(function, title, uses_gradients, batch_size)
+# Entries are FeatureCam or InputCam objects; ``entry.needs_input`` tells the two kinds apart.
+CAM_METHODS = Registry[Union[FeatureCam, InputCam]]("CAM method", entry=cam_method)
 
 
 def resolve_method(method: Union[str, FeatureCam, InputCam]) -> Union[FeatureCam, InputCam]:

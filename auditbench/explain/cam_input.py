@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from auditbench.explain.cam_base import CAM_METHODS, InputContext, input_cam
+from auditbench.explain.cam_base import CAM_METHODS, InputContext
 from auditbench.explain.cam_levels import scores, target_indices
 
 
-@CAM_METHODS.register("scorecam")
-@input_cam("Score-CAM", uses_gradients=False, batch_size=64)
+@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64)
 def scorecam(context: InputContext) -> tuple[Tensor, Tensor, Tensor]:
     """Score-CAM (Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu 2020, "Score-CAM: Score-Weighted Visual
     Explanations for Convolutional Neural Networks", CVPR workshops): gradient-free channel weights from
@@ -51,8 +50,7 @@ def scorecam(context: InputContext) -> tuple[Tensor, Tensor, Tensor]:
     return (weights[:, :, None, None] * activation).sum(dim=1), level.logits, level.targets
 
 
-@CAM_METHODS.register("inputxgradient")
-@input_cam("InputXGradient", uses_gradients=True, batch_size=32)
+@CAM_METHODS.register("inputxgradient", title="InputXGradient", needs_input=True, uses_gradients=True, batch_size=32)
 def inputxgradient(context: InputContext) -> tuple[Tensor, Tensor, Tensor]:
     """Input x gradient (Shrikumar, Greenside, Shcherbina & Kundaje 2016, "Not Just a Black Box: Learning
     Important Features Through Propagating Activation Differences", arXiv:1605.01713), through captum's

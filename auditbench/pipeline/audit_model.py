@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from auditbench.data.prepare import TaskData, fill_missing_masks, load_sources, real_task_data, synthetic_task_data
+from auditbench.data.datasets import generator_of
+from auditbench.data.prepare import TaskData, fill_missing_masks, load_sources, real_task_data
 from auditbench.data.records import data_fingerprint
 from auditbench.data.splits import Fold
 from auditbench.data.transforms import STUDY_CROP_RATIO
@@ -42,15 +43,13 @@ from auditbench.pipeline.passes import BackbonePasses, model_frame
 from auditbench.pipeline.plan import RunPlan
 from auditbench.pipeline.records import GroupPlan, ModelFold, StageClock, TaskInputs
 from auditbench.pipeline.store import FeatureStore
-from auditbench.protocol.grid import ModelSpec, data_axes
+from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.loader import dump_protocol, load_protocol
 from auditbench.protocol.schema import Protocol, TaskSpec
 from auditbench.registry import UnknownNameError
-from auditbench.training.device import select_accelerator
+from auditbench.training.device import accelerator_for
 
 STORE_DIR = "audit-store"  # the backbone passes' working folder in the staging folder; gone before the manifest
-AXIS_FIELDS = {"shortcut_strength": "data.synthetic.shortcut_strength",
-               "artifact_placement": "data.synthetic.artifact_placement", "data_seed": "data.synthetic.seed"}
 
 
 class AuditError(ValueError):
@@ -227,13 +226,17 @@ def _data_cell(protocol: Protocol, config: dict, origin: Path) -> tuple[dict, li
     """The one synthetic data cell an audit draws (real data has no axes) and the --set overrides
     that pin it: an axis with several values takes the model's own (recorded by `auditbench run`)."""
     trained_on, cell, pins = config.get("data_axes") or {}, {}, []
-    for axis, values in data_axes(protocol).items():
+    generator = generator_of(protocol)
+    if generator is None:
+        return cell, pins
+    fields = generator.axis_fields
+    for axis, values in generator.axes(protocol).items():
         if len(values) > 1 and trained_on.get(axis) not in values:
-            raise AuditError(f"{origin}: {AXIS_FIELDS[axis]} has {len(values)} values {values}; an audit draws one "
-                             f"set of images: choose one, e.g. --set {AXIS_FIELDS[axis]}={values[0]}")
+            raise AuditError(f"{origin}: {fields[axis]} has {len(values)} values {values}; an audit draws one "
+                             f"set of images: choose one, e.g. --set {fields[axis]}={values[0]}")
         cell[axis] = values[0] if len(values) == 1 else trained_on[axis]
         if len(values) > 1:
-            pins.append(f"{AXIS_FIELDS[axis]}=[{json.dumps(cell[axis])}]")
+            pins.append(f"{fields[axis]}=[{json.dumps(cell[axis])}]")
     return cell, pins
 
 
@@ -265,8 +268,9 @@ def _bind_task(model: AuditedModel, protocol: Protocol, origin: Path) -> TaskSpe
 
 def _task_data(protocol: Protocol, task: TaskSpec, cell: dict, base_dir: Path) -> TaskData:
     """Every image of the protocol's data for ``task``: all of them are tested, so no fold needs filling."""
-    if protocol.data.dataset == "synthetic":
-        return synthetic_task_data(protocol, task, cell, check_folds=False)
+    generator = generator_of(protocol)
+    if generator is not None:
+        return generator.task_data(protocol, task, cell, check_folds=False)
     data = protocol.data
     internal = load_sources(data.sources, data, base_dir)
     external = {ext.name: load_sources(ext.sources, data, base_dir) for ext in data.external}
@@ -283,12 +287,12 @@ def run_audit(audit: AuditPlan, out_dir: Path, say: Say, overwrite: bool = False
         text, digest = protocol_yaml(dump_protocol(protocol), target.run_id)
         (target.staging / PROTOCOL_FILE).write_text(text, encoding="utf-8")
         provenance = {"run_id": target.run_id, "protocol_sha256": digest}
-        accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision,
-                                         protocol.training.deterministic)
+        accelerator = accelerator_for(protocol.training)
         passes, pass_warnings = _own_backbone_passes(protocol, model, accelerator, target.staging / STORE_DIR, audit.clock)
         # Trains nothing, so makes no augmented copies, whatever the model was trained with.
         inputs = passes.group_inputs(dataclasses.replace(group, specs=[dataclasses.replace(spec, augment=False)]))
-        context = CellContext(protocol, accelerator, resolve_method(protocol.explain.method), target.staging, provenance)
+        cams = {name: resolve_method(name) for name in protocol.explain.method}
+        context = CellContext(protocol, accelerator, cams, target.staging, provenance)
         cell = evaluate_model(context, spec, ModelFold(model.classifier, frozen=True), inputs, group.task_inputs.data,
                               group.task_inputs.folds[0])
         shutil.rmtree(target.staging / STORE_DIR, ignore_errors=True)  # working state, not an output

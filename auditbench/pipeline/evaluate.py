@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from auditbench.audit.aggregate import lungs_removed_auc_value
+from auditbench.audit.agreement import rank_agreement
 from auditbench.audit.metrics import attention_metrics, classification_metrics
 from auditbench.audit.occlusion import effects_from_probabilities
 from auditbench.data.prepare import ARTIFACT_ABSENT, Frames, TaskData
@@ -22,7 +23,7 @@ from auditbench.data.records import Sample
 from auditbench.data.splits import Fold
 from auditbench.models.checkpoint import save_checkpoint
 from auditbench.pipeline.fit import fit_cell
-from auditbench.pipeline.gallery import offer_chunk
+from auditbench.pipeline.gallery import offer_chunk, offer_sources
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
 from auditbench.pipeline.records import (
     THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellKey, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
@@ -40,12 +41,12 @@ COUNT_METRICS = ["tn", "fp", "fn", "tp"]
 
 @dataclass
 class CellContext:
-    """What every cell of a run shares: the protocol, the device, the explanation method, where
+    """What every cell of a run shares: the protocol, the device, the explanation methods, where
     checkpoints go and the provenance they carry."""
 
     protocol: Protocol
     accelerator: Accelerator
-    cam: object  # a registered explanation method (explain.cam_base)
+    cams: dict  # explain.method name -> registered method (explain.cam_base), the primary first
     out_dir: Path
     provenance: dict[str, str]
     sanity_cells: frozenset = frozenset()  # the cells that run the method's sanity checks (pipeline/sanity.py)
@@ -118,47 +119,76 @@ class _Evaluation:
             yield start, rows[start : start + size]
 
     def split(self, view: ViewPass, rows: np.ndarray, labels: np.ndarray, samples: list[Sample], split: str) -> None:
-        """Evaluate ``view[rows]`` (``samples`` is the whole view, ``labels`` aligned with ``rows``)."""
-        context, model, inputs, result = self.context, self.model, self.inputs, self.result
-        p_all, values_all, lungs_removed = [], defaultdict(list), []
+        """Evaluate ``view[rows]`` (``samples`` is the whole view, ``labels`` aligned with ``rows``)
+        with every explanation method: attention metrics per method, everything else once."""
+        context, model, inputs = self.context, self.model, self.inputs
+        methods = list(context.cams)
+        p_all, shared_all, lungs_removed = [], defaultdict(list), []
+        attention_all = {method: defaultdict(list) for method in methods}
         for start, chunk in self._chunks(rows):
             frames = view.frames(chunk)
             with self.clock.stage("explain"):
-                p, heatmaps, map_side = predict_and_explain(model, inputs, frames, view.maps(chunk), context.cam,
-                                                            context.protocol.explain, context.accelerator)
-            cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
-            result.cam_geometry = {
-                "input_size": inputs.frame.input_size, "frame": frame_name(inputs.frame),
-                "cam_layer": context.protocol.explain.layer, "cam_map_size": map_side, "cam_stride": cell_px,
-            }
+                explained = predict_and_explain(model, inputs, frames, view.maps(chunk), context.cams,
+                                                context.protocol.explain, context.accelerator)
+            p, chunk_samples = explained.p, [samples[i] for i in chunk]
+            attention = {method: self._attention(method, explained, frames, split) for method in methods}
             with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                attention = attention_metrics(heatmaps, frames.lungs, frames.artifact_footprint, frames.border, cell_px)
-                caught.clear()  # counted below per cause, summed over models and folds, not one line per batch
-                values = dict(attention.values)
+                shared = {}
                 occlusion = view.occlusion(chunk, with_images=not model.frozen)
                 p_lungs_removed = np.full(len(p), np.nan)
                 if occlusion is not None:
                     p_occluded = self._occluded_probabilities(occlusion)
-                    values.update(effects_from_probabilities(occlusion.images, p, p_occluded))
+                    shared.update(effects_from_probabilities(occlusion.images, p, p_occluded))
                     p_lungs_removed[occlusion.images.indices["lung"]] = p_occluded["lung"]
             self._count_warnings(caught, split)
-            result.heatmaps_evaluated[split] += len(p)
-            for cause in ("zero_map", "empty_lung_mask"):
-                result.undefined_heatmaps[f"{split}|{cause}"] += attention.nan_counts.get(cause, 0)
             if split == "internal" and inputs.clean is not None:
-                values["shortcut_reliance"] = self._reliance(frames, p, chunk)
+                shared["shortcut_reliance"] = self._reliance(frames, p, chunk)
             chunk_labels = labels[start : start + len(chunk)]
-            self._image_rows(split, chunk_labels, p, [samples[i] for i in chunk], frames, values,
-                             p_lungs_removed if occlusion is not None else None)
+            for method in methods:
+                self._image_rows(method, split, chunk_labels, p, chunk_samples, frames, {**attention[method], **shared},
+                                 p_lungs_removed if occlusion is not None else None)
+                for name, per_image in attention[method].items():
+                    attention_all[method][name].append(per_image)
             lungs_removed.append(p_lungs_removed)
-            self._gallery_candidates(split, values["lung_mass"], p, heatmaps, frames, chunk_labels,
-                                     [samples[i] for i in chunk])
+            primary = methods[0]  # the gallery shows the primary method's maps
+            self._gallery_candidates(split, attention[primary]["lung_mass"], p, explained.heatmaps[primary], frames,
+                                     chunk_labels, chunk_samples)
             p_all.append(p)
-            for name, per_image in values.items():
-                values_all[name].append(per_image)
-        self._results_rows(split, labels, np.concatenate(p_all), {k: np.concatenate(v) for k, v in values_all.items()},
-                           np.concatenate(lungs_removed) if view.has_occlusion else None)
+            for name, per_image in shared.items():
+                shared_all[name].append(per_image)
+        shared_values = {k: np.concatenate(v) for k, v in shared_all.items()}
+        for method in methods:
+            values = {**{k: np.concatenate(v) for k, v in attention_all[method].items()}, **shared_values}
+            self._results_rows(method, split, labels, np.concatenate(p_all), values,
+                               np.concatenate(lungs_removed) if view.has_occlusion else None)
+
+    def _attention(self, method: str, explained, frames: Frames, split: str) -> dict[str, np.ndarray]:
+        """One method's per-image attention metrics on a chunk; its map geometry; NaN causes counted."""
+        result, map_side = self.result, explained.map_side[method]
+        cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
+        result.cam_geometry[method] = {
+            "input_size": self.inputs.frame.input_size, "frame": frame_name(self.inputs.frame),
+            "cam_layer": self.context.protocol.explain.layer, "cam_map_size": map_side, "cam_stride": cell_px,
+        }
+        with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attention = attention_metrics(explained.heatmaps[method], frames.lungs, frames.artifact_footprint,
+                                          frames.border, cell_px)
+        del caught  # counted below per cause, summed over models and folds, not one line per batch
+        values = dict(attention.values)
+        primary = next(iter(self.context.cams))
+        if method != primary:
+            with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                values["method_agreement"] = rank_agreement(explained.heatmaps[method], explained.heatmaps[primary])
+            self._count_warnings(caught, f"{split} ({method})")
+        # The primary method's counts read as the split's; another method's carry its name.
+        key = split if method == primary else f"{split} ({method})"
+        result.heatmaps_evaluated[key] += len(explained.p)
+        for cause in ("zero_map", "empty_lung_mask"):
+            result.undefined_heatmaps[f"{key}|{cause}"] += attention.nan_counts.get(cause, 0)
+        return values
 
     def _occluded_probabilities(self, occlusion) -> dict[str, np.ndarray]:
         """p(positive) of each region's filled copies: a frozen model's head on their cached
@@ -197,17 +227,20 @@ class _Evaluation:
                 else:
                     p = probability_fn(self.model, self.inputs, self.batch_size, self.context.accelerator)(
                         self.inputs.train.images(chunk))
-            self._image_rows(TRAIN_DISTRIBUTION_SPLIT, labels[start : start + len(chunk)], p,
-                             [data.train_view[i] for i in chunk], self.inputs.train.frames(chunk), {})
+            frames = self.inputs.train.frames(chunk)
+            for method in self.context.cams:
+                self._image_rows(method, TRAIN_DISTRIBUTION_SPLIT, labels[start : start + len(chunk)], p,
+                                 [data.train_view[i] for i in chunk], frames, {})
             p_all.append(p)
-        self._results_rows(TRAIN_DISTRIBUTION_SPLIT, labels, np.concatenate(p_all), {})
+        for method in self.context.cams:
+            self._results_rows(method, TRAIN_DISTRIBUTION_SPLIT, labels, np.concatenate(p_all), {})
 
     def _count_warnings(self, caught: list, split: str) -> None:
         """Identical messages are counted, so a large grid gives a short list."""
         for item in caught:
             self.result.warnings[f"{split}: {item.message}"] += 1
 
-    def _results_rows(self, split: str, labels: np.ndarray, p: np.ndarray, values: dict[str, np.ndarray],
+    def _results_rows(self, method: str, split: str, labels: np.ndarray, p: np.ndarray, values: dict[str, np.ndarray],
                       p_lungs_removed: np.ndarray | None = None) -> None:
         """Rows of results.csv (per fold) for one evaluated split: classification metrics, the
         mean of each per-image metric over the images where it is defined, and (with occluded
@@ -219,7 +252,7 @@ class _Evaluation:
             warnings.simplefilter("always")
             scores = classification_metrics(labels, p, THRESHOLD)
         self._count_warnings(caught, split)
-        grid = spec.grid_row()
+        grid = {"model_id": spec.model_id, "method": method, **spec.grid_row()}
         for metric in CLASSIFICATION_METRICS + COUNT_METRICS:
             result.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": float(scores[metric])})
         for metric, per_image in values.items():
@@ -230,9 +263,9 @@ class _Evaluation:
             result.results_rows.append({**grid, "split": split, "fold": fold, "metric": "lungs_removed_auc",
                                         "value": lungs_removed_auc_value(p_lungs_removed, labels)})
 
-    def _image_rows(self, split: str, labels: np.ndarray, p: np.ndarray, samples: list[Sample], frames: Frames,
-                    values: dict[str, np.ndarray], p_lungs_removed: np.ndarray | None = None) -> None:
-        """Rows of images.csv, one per evaluated image."""
+    def _image_rows(self, method: str, split: str, labels: np.ndarray, p: np.ndarray, samples: list[Sample],
+                    frames: Frames, values: dict[str, np.ndarray], p_lungs_removed: np.ndarray | None = None) -> None:
+        """Rows of images.csv, one per evaluated image and explanation method."""
         spec, fold, result = self.spec, self.result.fold, self.result
         class_names = spec.task.class_names
         prediction = (p > THRESHOLD).astype(int)
@@ -240,7 +273,7 @@ class _Evaluation:
         border_in_view = frames.border_footprint.reshape(len(p), -1).any(axis=1)
         for i, sample in enumerate(samples):
             result.image_rows.append({
-                "model_id": spec.model_id, "fold": fold, "split": split, "sample_id": sample.sample_id,
+                "model_id": spec.model_id, "method": method, "fold": fold, "split": split, "sample_id": sample.sample_id,
                 "source": sample.source, "patient_id": sample.patient_id, "path": sample.path,
                 "label": class_names[labels[i]], "label_index": int(labels[i]),
                 "prediction": class_names[prediction[i]], "p_positive": float(p[i]),
@@ -254,8 +287,9 @@ class _Evaluation:
     def _gallery_candidates(self, split: str, lung_mass, p, heatmaps, frames: Frames, labels,
                             samples: list[Sample]) -> None:
         """Offer this chunk's images to the cell's gallery (pipeline/gallery.py: internal best / worst
-        lung_mass and most confident decisions, external errors). Chunks arrive in order and only
-        the images that enter are copied, so ties keep the first and memory stays bounded."""
+        lung_mass and most confident decisions, external errors, per-source examples). Chunks arrive
+        in order and only the images that enter are copied, so ties keep the first and memory stays
+        bounded."""
         if not self.context.protocol.report.gallery_per_model:
             return
         class_names, fold = self.spec.task.class_names, self.result.fold
@@ -265,6 +299,8 @@ class _Evaluation:
                 float(lung_mass[row]), fold, samples[row].sample_id, class_names[labels[row]], float(p[row]),
                 frames.images[row].copy(), heatmaps[row].copy(), frames.lungs[row].copy(),
                 frames.artifacts[row].copy(), split, kind, class_names[int(p[row] > THRESHOLD)],
+                str(samples[row].source),
             )
 
         offer_chunk(self.result.gallery, split, lung_mass, p, labels, candidate)
+        offer_sources(self.result.gallery, split, p, labels, [s.source for s in samples], candidate)

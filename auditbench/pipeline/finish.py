@@ -10,18 +10,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from auditbench.audit.aggregate import add_accuracy_drop, aggregate_models
 from auditbench.audit.metrics import METRICS
 from auditbench.audit.validation import metric_validation
+from auditbench.data.datasets import generator_of
 from auditbench.outputs import PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, png_with_text, write_json_atomic
 from auditbench.pipeline.findings import external_findings, runner_up_comparison
 from auditbench.pipeline.gallery import INTERNAL, merge_folds
 from auditbench.pipeline.plan import RunPlan
 from auditbench.pipeline.provenance import git_commit, package_versions
 from auditbench.pipeline.sanity import SANITY_COLUMNS, sanity_column, sanity_notes
-from auditbench.pipeline.records import CellResult, GalleryCandidate, StageClock
+from auditbench.pipeline.records import SOURCE_KINDS, CellResult, GalleryCandidate, StageClock
 from auditbench.protocol.schema import Protocol
 from auditbench.report.overlays import overlay_png
 from auditbench.report.tables import (
@@ -31,8 +33,8 @@ from auditbench.report.tables import (
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
-                   "lung_mass", "file"]
-SPLIT_NAME_CHARS = 60  # of an external split's name in a gallery PNG's name
+                   "lung_mass", "file", "source"]
+SPLIT_NAME_CHARS = 60  # of an external split's (or a data source's) name in a gallery PNG's name
 UNDEFINED_CAUSES = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
                     "empty_lung_mask": "lung masks were empty"}
 
@@ -62,34 +64,43 @@ def finish_run(state: RunState) -> dict:
     protocol, out_dir, notes = state.protocol, state.out_dir, list(state.plan.notes)
     results_rows = [row for cell in state.cells for row in cell.results_rows]
     image_rows = [row for cell in state.cells for row in cell.image_rows]
-    cam_geometry = {cell.model_id: cell.cam_geometry for cell in state.cells}
+    cam_geometry = {(cell.model_id, method): geometry for cell in state.cells
+                    for method, geometry in cell.cam_geometry.items()}
     with state.clock.stage("select"):
         results = add_accuracy_drop(pd.DataFrame(results_rows))
         images = pd.DataFrame(image_rows)
         grid = pd.DataFrame([s.grid_row() for s in state.plan.specs])
         n_folds = max(len(inputs.folds) for inputs in state.plan.task_inputs)  # an audit has one
-        models = aggregate_models(results, images, grid, n_folds, cam_geometry,
-                                  protocol.metrics.bootstrap, protocol.seed)
+        by_method = aggregate_models(results, images, grid, n_folds, cam_geometry,
+                                     protocol.metrics.bootstrap, protocol.seed)
         rule = SelectionRule(
             primary=protocol.selection.primary,
             constraints=[Constraint(metric, c.min, c.max) for metric, c in protocol.selection.constraints.items()],
             pareto=tuple(protocol.selection.pareto),
         )
-        models = rank_models(models, rule)
-        selected = models.loc[models["selected"], "model_id"]
-        selected_id = str(selected.iloc[0]) if len(selected) else None
+        # Each method's rows are ranked as if it were the lens; the run selects with the primary one.
+        ranked = {method: rank_models(rows, rule) for method, rows in by_method.groupby("method", sort=False)}
+        # In the primary method's rank order, each model's methods together (the primary first).
+        order = {model_id: k for k, model_id in enumerate(ranked[protocol.explain.primary]["model_id"])}
+        all_models = pd.concat(ranked.values()).loc[by_method.index]
+        all_models = all_models.iloc[np.argsort([order[m] for m in all_models["model_id"]], kind="stable")]
+        all_models = all_models.reset_index(drop=True)
         sanity = pd.DataFrame([row for cell in state.cells for row in cell.sanity_rows], columns=SANITY_COLUMNS)
         if len(sanity):
-            models["explanation_sanity"] = sanity_column(models, sanity)
+            all_models["explanation_sanity"] = sanity_column(all_models, sanity)
             notes.extend(sanity_notes(sanity))
-        validation = _validation(models, protocol, notes)
-        notes.extend(external_findings(results, models))
-        notes.extend(runner_up_comparison(models, images, protocol))
+        models = primary_rows(all_models, protocol)
+        selected = models.loc[models["selected"], "model_id"]
+        selected_id = str(selected.iloc[0]) if len(selected) else None
+        validation = _validation(all_models, protocol, notes)
+        notes.extend(external_findings(primary_rows(results, protocol), models))
+        notes.extend(runner_up_comparison(models, primary_rows(images, protocol), protocol))
+        notes.extend(method_notes(all_models, protocol))
     with state.clock.stage("report"):
         gallery_rows = _write_gallery(state)
         # Every CSV through the one writer: text cells neutralised, run id and protocol hash per row.
         write_csv(results, out_dir / RESULTS_FILE, state.provenance)
-        write_csv(models, out_dir / MODELS_FILE, state.provenance)
+        write_csv(all_models, out_dir / MODELS_FILE, state.provenance)
         write_csv(images, out_dir / IMAGES_FILE, state.provenance)
         write_csv(pd.DataFrame(gallery_rows, columns=GALLERY_COLUMNS), out_dir / GALLERY_FILE, state.provenance)
         write_csv(pd.DataFrame([vars(s) for s in state.plan.skipped], columns=["path", "reason", "source"]),
@@ -124,8 +135,9 @@ def _seconds(state: RunState) -> dict[str, float]:
 
 def _write_gallery(state: RunState) -> list[dict]:
     """Each model's gallery over its folds (pipeline/gallery.py: best and worst internal lung_mass, the
-    most confident internal tp / fp / fn / tn, the most confident errors on each external set), one
-    overlay PNG per image; ties keep the earlier fold."""
+    most confident internal tp / fp / fn / tn, the most confident errors on each external set, the
+    most confident correct and wrong decision per split and data source), one overlay PNG per
+    image; ties keep the earlier fold."""
     if not state.protocol.report.gallery_per_model:
         return []
     folder = state.out_dir / "gallery"
@@ -142,7 +154,7 @@ def _write_gallery(state: RunState) -> list[dict]:
             rows.append({"model_id": model_id, "sample_id": candidate.sample_id, "fold": candidate.fold,
                          "split": candidate.split, "kind": candidate.kind, "label": candidate.label,
                          "prediction": candidate.prediction, "p_positive": candidate.p_positive,
-                         "lung_mass": candidate.lung_mass, "file": f"gallery/{file}"})
+                         "lung_mass": candidate.lung_mass, "file": f"gallery/{file}", "source": candidate.source})
     return rows
 
 
@@ -151,7 +163,10 @@ def _gallery_file(model_id: str, candidate: GalleryCandidate, rank: int, used: s
     (also where case is not told apart): two split names can differ only in characters that
     :func:`_safe_name` replaces, so a clash gets a counter."""
     model, kind = _safe_name(model_id), _safe_name(candidate.kind)
-    if candidate.split == INTERNAL:
+    if candidate.kind in SOURCE_KINDS:  # one per split, source and kind
+        stem = (f"{model}__{_safe_name(candidate.split)[:SPLIT_NAME_CHARS]}__"
+                f"{_safe_name(candidate.source)[:SPLIT_NAME_CHARS]}__{kind}")
+    elif candidate.split == INTERNAL:
         stem = f"{model}__{kind}"  # one image per internal kind; best / worst keep their earlier names
     else:  # a split name may be long: the file name must stay within the file system's limit
         stem = f"{model}__{_safe_name(candidate.split)[:SPLIT_NAME_CHARS]}__{kind}{rank}"
@@ -171,13 +186,17 @@ def _safe_name(text: str) -> str:
 def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> pd.DataFrame | None:
     """Known-answer check of the audit itself (synthetic data): does each metric tell the models
     that rely on the marker (shortcut_reliance above validation.reliance_threshold, measured on
-    clean twins) from those that do not, within a frame?"""
-    if "shortcut_reliance_mean" not in models:
-        notes.append("No validation table: only synthetic data has a known answer (clean twins of the test images).")
+    clean twins) from those that do not, within a frame? The known answer is the one the data's
+    generator declares (``data.synthetic_adapter``)."""
+    generator = generator_of(protocol)
+    answer = f"{generator.known_answer}_mean" if generator is not None and generator.known_answer else None
+    if answer is None or answer not in models:
+        notes.append("No validation table: only generated data with a known answer (the synthetic phantoms' clean "
+                     "twins of the test images) can score the metrics.")
         return None
     table = models.copy()
     threshold = protocol.validation.reliance_threshold
-    table["relies"] = table["shortcut_reliance_mean"] > threshold
+    table["relies"] = table[answer] > threshold
     if table["relies"].all() or not table["relies"].any():
         notes.append(
             f"No validation table: {int(table['relies'].sum())} of {len(table)} models rely on the marker "
@@ -186,8 +205,35 @@ def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> p
         return None
     validated = [name for name, info in METRICS.items() if info.detector]
     metrics = [m for m in validated if f"{m}_mean" in table]
-    return metric_validation(table, metrics, reliance_column="shortcut_reliance_mean",
-                             n_boot=protocol.validation.bootstrap, seed=protocol.seed)
+    # Per explanation method: each method's maps make its own attention metrics (the others repeat).
+    parts = []
+    for method, rows in table.groupby("method", sort=False):
+        part = metric_validation(rows.reset_index(drop=True), metrics, reliance_column=answer,
+                                 n_boot=protocol.validation.bootstrap, seed=protocol.seed)
+        part.insert(0, "method", method)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def primary_rows(table: pd.DataFrame, protocol: Protocol) -> pd.DataFrame:
+    """The rows of a result table that come from the primary explanation method (``explain.method[0]``):
+    what selection, findings, the gallery and ``check`` read."""
+    if "method" not in table or table.empty:
+        return table
+    return table[table["method"] == protocol.explain.primary].reset_index(drop=True)
+
+
+def method_notes(models: pd.DataFrame, protocol: Protocol) -> list[str]:
+    """With several explanation methods: whether the selection would change with another one as the lens."""
+    if len(protocol.explain.method) < 2:
+        return []
+    chosen = {method: rows.loc[rows["selected"], "model_id"].tolist() for method, rows in models.groupby("method", sort=False)}
+    primary = chosen.get(protocol.explain.primary, [])
+    differing = [f"{method}: {', '.join(ids) or 'none'}" for method, ids in chosen.items() if ids != primary]
+    if not differing:
+        return [f"Every explanation method ({', '.join(protocol.explain.method)}) selects the same model."]
+    return [f"The selection uses {protocol.explain.primary} maps ({', '.join(primary) or 'no model'}); with another "
+            f"method's maps it would be: {'; '.join(differing)} (models.csv, one row per model and method)."]
 
 
 def _prune_models(state: RunState, selected_id: str | None) -> None:
@@ -247,6 +293,7 @@ def _summary(state: RunState, selected_id: str | None, rule: SelectionRule, note
             "pareto": list(rule.pareto),
         },
         "metric_directions": {name: "higher" if info.higher_is_better else "lower" for name, info in METRICS.items()},
+        "explain_methods": list(protocol.explain.method),  # the primary first
         "n_models": len(plan.specs),
         "n_images": plan.n_images,
         "n_skipped": len(plan.skipped),

@@ -7,7 +7,11 @@ Per model the gallery holds, each image with its Grad-CAM overlay:
   most confident true positive, false positive, false negative and true negative;
 - on every external split, its errors: the :data:`EXTERNAL_ERRORS` most confident false positives
   and false negatives (a set of healthy adults gives false positives only), each image once although
-  every fold's model scores it.
+  every fold's model scores it;
+- on every split, per data source (images.csv's ``source``): the most confident correct decision
+  ("source_correct") and the most confident wrong one ("source_wrong"), for the first
+  :data:`SOURCE_EXAMPLE_SOURCES` sources of the split by name (a bound on the gallery whatever the
+  data holds).
 
 Confidence is the probability of the call the model made: p for a positive call, 1 - p for a
 negative one (:meth:`GalleryCandidate.score_of`). A candidate displaces a held one only when it
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import json
+
 import numpy as np
 
-from auditbench.pipeline.records import THRESHOLD, CellResult, GalleryCandidate
+from auditbench.pipeline.records import SOURCE_KINDS, THRESHOLD, CellResult, GalleryCandidate
 
 INTERNAL = "internal"
 LUNG_MASS_KINDS = ("best", "worst")
@@ -30,6 +36,8 @@ ERROR_KINDS = ("fp", "fn")
 INTERNAL_KINDS = LUNG_MASS_KINDS + DECISION_KINDS
 EXTERNAL_ERRORS = 2
 """Most confident errors of each kind kept per model and external set."""
+SOURCE_EXAMPLE_SOURCES = 8
+"""Sources per model and split that get examples (source_correct, source_wrong): the first by name."""
 
 
 def kinds_shown(split: str) -> tuple[str, ...]:
@@ -37,7 +45,10 @@ def kinds_shown(split: str) -> tuple[str, ...]:
 
 
 def capacity(split: str, kind: str) -> int:
-    """How many images of ``kind`` the gallery keeps per model on ``split``."""
+    """How many images of ``kind`` the gallery keeps per model on ``split`` (per source for
+    :data:`SOURCE_KINDS`)."""
+    if kind in SOURCE_KINDS:
+        return 1
     if kind not in kinds_shown(split):
         return 0
     return 1 if split == INTERNAL else EXTERNAL_ERRORS
@@ -63,6 +74,12 @@ def slot(split: str, kind: str, rank: int) -> str:
     no "|", so ``rsplit("|", 2)`` reads it back whatever the split's name). The candidate carries
     its split and kind itself: nothing needs to parse the key."""
     return f"{split}|{kind}|{rank}"
+
+
+def source_slot(split: str, source: str, kind: str) -> str:
+    """The key of a per-source example in :attr:`CellResult.gallery`: JSON, since a split's and a
+    source's name may hold any character (it ends with "]", a :func:`slot` key with a digit)."""
+    return json.dumps([split, source, kind])
 
 
 def held_winners(gallery: dict[str, GalleryCandidate], split: str, kind: str) -> list[GalleryCandidate]:
@@ -98,6 +115,37 @@ def offer_chunk(gallery: dict[str, GalleryCandidate], split: str, lung_mass: np.
             _store(gallery, split, kind, held)
 
 
+def offer_sources(gallery: dict[str, GalleryCandidate], split: str, p: np.ndarray, labels: np.ndarray,
+                  sources: np.ndarray, build: Callable[[int, str], GalleryCandidate]) -> None:
+    """Offer one chunk to the per-source examples of ``split``: per source, the most confident correct
+    and the most confident wrong decision (a candidate displaces the held one only when strictly more
+    confident, so ties keep the earliest); then only the first :data:`SOURCE_EXAMPLE_SOURCES` sources
+    by name are kept."""
+    p = np.asarray(p, dtype=np.float64)
+    sources = np.asarray([str(s) for s in sources], dtype=object)
+    decisions = decision_kinds(labels, p)
+    correct = (decisions == "tp") | (decisions == "tn")
+    confidence = GalleryCandidate.score_of(SOURCE_KINDS[0], np.full(len(p), np.nan), p)
+    for source in sorted(set(sources)):
+        for kind, eligible in zip(SOURCE_KINDS, (correct, ~correct)):
+            rows = np.flatnonzero((sources == source) & eligible & np.isfinite(confidence))
+            if not len(rows):
+                continue
+            row = int(rows[np.argmax(confidence[rows])])  # argmax: the first of equals
+            key, held = source_slot(split, source, kind), gallery.get(source_slot(split, source, kind))
+            if held is None or confidence[row] > held.score:
+                gallery[key] = build(row, kind)
+    _cap_sources(gallery, split)
+
+
+def _cap_sources(gallery: dict[str, GalleryCandidate], split: str) -> None:
+    """Keep the examples of the first :data:`SOURCE_EXAMPLE_SOURCES` sources of ``split`` by name."""
+    names = sorted({c.source for c in gallery.values() if c.split == split and c.kind in SOURCE_KINDS})
+    for source in names[SOURCE_EXAMPLE_SOURCES:]:
+        for kind in SOURCE_KINDS:
+            gallery.pop(source_slot(split, source, kind), None)
+
+
 def _store(gallery: dict[str, GalleryCandidate], split: str, kind: str, held: list[GalleryCandidate]) -> None:
     # Removed and inserted again in rank order: a kind's entries iterate best first (the merge relies on it).
     for rank in range(1, capacity(split, kind) + 1):
@@ -110,13 +158,14 @@ def merge_folds(cells: Iterable[CellResult]) -> dict[str, list[GalleryCandidate]
     """Per model, its gallery over all its folds, by the same strict rule (``cells`` in plan order,
     so ties keep the earlier fold), each image at most once per kind: internal kinds first
     (:data:`INTERNAL_KINDS` order), then the external splits by name, false positives before false
-    negatives, best first."""
-    chosen: dict[str, dict[tuple[str, str], list[GalleryCandidate]]] = {}
+    negatives, best first; within each split its per-source examples follow, by source name,
+    correct before wrong, for the first :data:`SOURCE_EXAMPLE_SOURCES` sources."""
+    chosen: dict[str, dict[tuple[str, str, str], list[GalleryCandidate]]] = {}
     for cell in cells:
         groups = chosen.setdefault(cell.model_id, {})
         for candidate in cell.gallery.values():
-            key = (candidate.split, candidate.kind)
-            held, limit = groups.setdefault(key, []), capacity(*key)
+            key = _group(candidate)
+            held, limit = groups.setdefault(key, []), capacity(candidate.split, candidate.kind)
             # Every fold's model scores the whole external set: an image is shown once, with the map
             # of the fold most confident about it (ties: the earlier fold).
             twin = next((i for i, other in enumerate(held) if other.sample_id == candidate.sample_id), None)
@@ -128,10 +177,24 @@ def merge_folds(cells: Iterable[CellResult]) -> dict[str, list[GalleryCandidate]
             if at is not None:
                 held.insert(at, candidate)
                 del held[limit:]
+    for groups in chosen.values():
+        for split in {split for split, kind, _ in groups if kind in SOURCE_KINDS}:
+            names = sorted({source for s, kind, source in groups if s == split and kind in SOURCE_KINDS})
+            for key in [k for k in groups if k[0] == split and k[1] in SOURCE_KINDS
+                        and k[2] in names[SOURCE_EXAMPLE_SOURCES:]]:
+                del groups[key]
     return {model_id: [candidate for key in sorted(groups, key=_group_order) for candidate in groups[key]]
             for model_id, groups in chosen.items()}
 
 
-def _group_order(key: tuple[str, str]) -> tuple:
-    split, kind = key
-    return split != INTERNAL, split, INTERNAL_KINDS.index(kind) if kind in INTERNAL_KINDS else len(INTERNAL_KINDS)
+def _group(candidate: GalleryCandidate) -> tuple[str, str, str]:
+    """(split, kind, source): the source counts only for the per-source examples."""
+    return candidate.split, candidate.kind, candidate.source if candidate.kind in SOURCE_KINDS else ""
+
+
+def _group_order(key: tuple[str, str, str]) -> tuple:
+    split, kind, source = key
+    per_source = kind in SOURCE_KINDS
+    index = (SOURCE_KINDS.index(kind) if per_source else
+             INTERNAL_KINDS.index(kind) if kind in INTERNAL_KINDS else len(INTERNAL_KINDS))
+    return split != INTERNAL, split, per_source, source, index

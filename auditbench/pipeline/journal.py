@@ -22,7 +22,7 @@ from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
 
 JOURNAL_DIR = "cells"
 HEADER_FILE = "journal.json"
-JOURNAL_FORMAT = 2  # 2: cells carry sanity_rows
+JOURNAL_FORMAT = 4  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method
 _ARRAYS = ("image", "heatmap", "lung", "artifact")
 
 

@@ -15,7 +15,8 @@ import torch
 
 from auditbench.audit.occlusion import OCCLUSION_REGIONS, occlude
 from auditbench.data.augment import AugmentConfig, augmented_copy, copies_to_make
-from auditbench.data.prepare import TaskData, to_frames
+from auditbench.data.loader import frame_chunks
+from auditbench.data.prepare import Frames, TaskData
 from auditbench.data.records import Sample, content_key
 from auditbench.data.transforms import FrameSpec
 from auditbench.models.backbones import FeatureBackbone, build_backbone
@@ -100,9 +101,13 @@ class BackbonePasses:
         missing = set(self.store.missing(keys, keep_maps, occlusion))
         if missing:
             todo = [(k, s) for k, s in dict(zip(keys, samples)).items() if k in missing]
-            for start in range(0, len(todo), CHUNK):
-                chunk = todo[start : start + CHUNK]
-                self._compute([k for k, _ in chunk], [s for _, s in chunk], keep_maps, occlusion)
+            chunks = [todo[start : start + CHUNK] for start in range(0, len(todo), CHUNK)]
+            frames = frame_chunks([[s for _, s in chunk] for chunk in chunks], self.frame,
+                                  self.protocol.border_fraction, self.accelerator.loader_workers)
+            for chunk in chunks:
+                with self.clock.stage("preprocess"):  # with workers: the time spent waiting for them
+                    chunk_frames = next(frames)
+                self._compute([k for k, _ in chunk], chunk_frames, keep_maps, occlusion)
         self.store.note_reads(keys)
         pooled = torch.from_numpy(self.store.gather(keys, "pooled"))
         status = self.store.gather(keys, "artifact_status")
@@ -144,13 +149,11 @@ class BackbonePasses:
             return extract_features(self.backbone, images, self.mean, self.std, self.accelerator,
                                     self.protocol.training.batch_size, keep_maps=keep_maps)
 
-    def _compute(self, keys: list[str], samples: list[Sample], keep_maps: bool, occlusion: bool) -> None:
+    def _compute(self, keys: list[str], frames: Frames, keep_maps: bool, occlusion: bool) -> None:
         # Recomputing an entry keeps what it already had, so requests in any order never lose work.
         held = [self.store.index[k] for k in keys if k in self.store.index]
         keep_maps = keep_maps or any(location.has_maps for location in held)
         occlusion = occlusion or any(location.has_occlusion for location in held)
-        with self.clock.stage("preprocess"):
-            frames = to_frames(samples, self.frame, self.protocol.border_fraction)
         features = self._features(frames.images, keep_maps)
         occluded = None
         if occlusion:

@@ -11,11 +11,12 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from auditbench.data.prepare import fill_missing_masks, load_sources, real_task_data, synthetic_task_data
+from auditbench.data.datasets import data_axes, generator_of
+from auditbench.data.prepare import fill_missing_masks, load_sources, real_task_data
 from auditbench.data.records import SkippedFile, data_fingerprint
 from auditbench.data.splits import make_folds
 from auditbench.pipeline.records import GroupPlan, TaskInputs
-from auditbench.protocol.grid import ModelSpec, data_axes, expand_grid
+from auditbench.protocol.grid import ModelSpec, expand_grid
 from auditbench.protocol.schema import Protocol
 
 
@@ -39,12 +40,13 @@ class RunPlan:
 def load_task_inputs(protocol: Protocol, base_dir: Path) -> list[TaskInputs]:
     """Every task x data-axes cell of the data with its patient-grouped folds."""
     loaded = []
-    if protocol.data.dataset == "synthetic":
-        axes = data_axes(protocol)
+    generator = generator_of(protocol)
+    if generator is not None:
+        axes = generator.axes(protocol)
         for task in protocol.task:
             for values in itertools.product(*axes.values()):
                 cell = dict(zip(axes, values))
-                loaded.append((task, cell, synthetic_task_data(protocol, task, cell)))
+                loaded.append((task, cell, generator.task_data(protocol, task, cell)))
     else:
         data = protocol.data
         internal = load_sources(data.sources, data, base_dir)
@@ -63,7 +65,7 @@ def plan_run(protocol: Protocol, base_dir: Path) -> RunPlan:
     """Load the data and group the grid's model x fold units by backbone pass.
 
     Backbone and frame outermost: each sample's features are computed once for all tasks."""
-    specs = expand_grid(protocol)
+    specs = expand_grid(protocol, data_axes(protocol))
     task_inputs = load_task_inputs(protocol, base_dir)
     groups = []
     for backbone_key in dict.fromkeys((s.backbone, s.weights, s.crop) for s in specs):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,25 +17,37 @@ from auditbench.training.device import Accelerator
 from auditbench.training.trainer import predict_logits
 
 
+@dataclass
+class Explained:
+    """p(positive) of each frame and, per explanation method, its raw maps upsampled to the model
+    frame (N, S, S) and the side of the map it computed before upsampling."""
+
+    p: np.ndarray
+    heatmaps: dict[str, np.ndarray]
+    map_side: dict[str, int]
+
+
 def predict_and_explain(model: ModelFold, inputs: GroupInputs, frames: Frames, maps: torch.Tensor | None,
-                        cam, explain: ExplainSpec, accelerator: Accelerator):
-    """p(positive) and the raw map of ``explain.method`` (``cam``) for ``explain.target`` (positive or
-    predicted class) with ``explain.score`` at ``explain.layer``, upsampled to the model frame; and
-    the map's side.
+                        cams: dict, explain: ExplainSpec, accelerator: Accelerator) -> Explained:
+    """p(positive) and the raw maps of each method in ``cams`` (name -> registered method) for
+    ``explain.target`` (positive or predicted class) with ``explain.score`` at ``explain.layer``,
+    upsampled to the model frame. One forward pass per batch serves every method.
 
     p comes from the fp32 head on the backbone's map, exactly as for the occluded copies."""
     device = accelerator.device
-    head = model.classifier.head.to(device).eval()
-    size = frames.images.shape[-2:]
-    probabilities, heatmaps, map_side = [], [], 0
-    # Images are normalised only where needed: a frozen model explained at "last" by a feature-level
-    # method runs its head on the cached map alone.
-    needs_images = cam.needs_input or explain.layer != "last"
-    backbone = model.classifier.backbone.to(device).eval()
+    head = accelerator.place(model.classifier.head).eval()
+    size = tuple(frames.images.shape[-2:])
+    probabilities: list[torch.Tensor] = []
+    heatmaps: dict[str, list[torch.Tensor]] = {name: [] for name in cams}
+    map_side = dict.fromkeys(cams, 0)
+    # Images are normalised only where needed: a frozen model explained at "last" by feature-level
+    # methods runs its head on the cached map alone.
+    needs_images = any(cam.needs_input for cam in cams.values()) or explain.layer != "last"
+    backbone = accelerator.place(model.classifier.backbone).eval()
     for start in range(0, len(frames), explain.batch_size):
         batch = slice(start, start + explain.batch_size)
         cached = model.frozen and maps is not None
-        x = normalise(frames.images[batch], inputs.mean, inputs.std).to(device) if needs_images or not cached else None
+        x = accelerator.batch(normalise(frames.images[batch], inputs.mean, inputs.std)) if needs_images or not cached else None
         if cached:
             feature_map = maps[batch].to(device)
         else:
@@ -44,16 +57,19 @@ def predict_and_explain(model: ModelFold, inputs: GroupInputs, frames: Frames, m
         with torch.no_grad():
             logits = head(feature_map)
         target = 1 if explain.target == "positive" else logits.argmax(dim=1)
-        # Backbone passes (finer levels, input-level methods) under the run's precision; a head-only
-        # map stays in fp32 (small weights times activations underflow in fp16).
-        with accelerator.autocast() if needs_images else contextlib.nullcontext():
-            cams = explain_batch(cam, backbone, head, x, feature_map, target, explain.score, explain.layer,
-                                 batch_size=explain.batch_size)
-        cams = cams.float()
-        map_side = cams.shape[-1]
         probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
-        heatmaps.append(upsample_cams(cams, tuple(size)).cpu())
-    return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy(), map_side
+        for name, cam in cams.items():
+            # Backbone passes (finer levels, input-level methods) under the run's precision; a head-only
+            # map stays in fp32 (small weights times activations underflow in fp16).
+            through_backbone = cam.needs_input or explain.layer != "last"
+            with accelerator.autocast() if through_backbone else contextlib.nullcontext():
+                raw = explain_batch(cam, backbone, head, x, feature_map, target, explain.score, explain.layer,
+                                    batch_size=explain.batch_size)
+            raw = raw.float()
+            map_side[name] = raw.shape[-1]
+            heatmaps[name].append(upsample_cams(raw, size).cpu())
+    return Explained(torch.cat(probabilities).numpy(), {name: torch.cat(parts).numpy() for name, parts in heatmaps.items()},
+                     map_side)
 
 
 def probability_fn(model: ModelFold, inputs: GroupInputs, batch_size: int, accelerator: Accelerator):

@@ -174,11 +174,18 @@ class ModelFold:
     frozen: bool  # True: the backbone is the shared pretrained one, so cached maps are valid
 
 
+SOURCE_KINDS = ("source_correct", "source_wrong")
+"""Gallery kinds of the per-source examples: a model's most confident correct and wrong decision
+among one split's images of one data source (pipeline/gallery.py)."""
+
+
 @dataclass
 class GalleryCandidate:
     """One image of a model's gallery, with what its overlay and caption need. ``kind`` says why it
-    was chosen (pipeline/gallery.py): "best" / "worst" internal lung_mass, or the decision ("tp",
-    "fp", "fn", "tn") the model made on it with the most confidence on ``split``."""
+    was chosen (pipeline/gallery.py): "best" / "worst" internal lung_mass, the decision ("tp",
+    "fp", "fn", "tn") the model made on it with the most confidence on ``split``, or the most
+    confident correct / wrong decision among ``split``'s images of its data ``source``
+    (:data:`SOURCE_KINDS`)."""
 
     lung_mass: float
     fold: int
@@ -192,16 +199,20 @@ class GalleryCandidate:
     split: str
     kind: str
     prediction: str
+    source: str = ""  # the image's data source (images.csv); a journal of an older format has none
 
     @staticmethod
     def score_of(kind: str, lung_mass, p_positive):
         """What ranks the candidates of ``kind``, larger first (floats or arrays): lung_mass for
         "best", its negative for "worst"; for a decision the confidence in the call the model made,
-        p for a positive call (tp, fp) and 1 - p for a negative one (tn, fn)."""
+        p for a positive call (tp, fp) and 1 - p for a negative one (tn, fn); for a per-source
+        example either, whichever call it was (the larger of p and 1 - p)."""
         if kind == "best":
             return lung_mass
         if kind == "worst":
             return -lung_mass
+        if kind in SOURCE_KINDS:
+            return np.maximum(p_positive, 1 - p_positive)
         return p_positive if kind in ("tp", "fp") else 1 - p_positive
 
     @property
@@ -219,7 +230,7 @@ class CellResult:
     results_rows: list[dict] = field(default_factory=list)
     image_rows: list[dict] = field(default_factory=list)
     gallery: dict[str, GalleryCandidate] = field(default_factory=dict)  # "<split>|<kind>|<rank>" (pipeline/gallery.py)
-    cam_geometry: dict = field(default_factory=dict)
+    cam_geometry: dict = field(default_factory=dict)  # method -> map geometry (models.csv's geometry columns)
     cam_layer: str = ""
     warnings: Counter = field(default_factory=Counter)
     heatmaps_evaluated: Counter = field(default_factory=Counter)  # split -> count

@@ -27,10 +27,11 @@ from auditbench.pipeline.plan import RunPlan, plan_run
 from auditbench.pipeline.sanity import sanity_cells
 from auditbench.pipeline.provenance import git_commit
 from auditbench.pipeline.records import CellKey, CellResult, StageClock
+from auditbench.data.datasets import data_axes
 from auditbench.protocol.grid import expand_grid
 from auditbench.protocol.loader import dump_protocol
 from auditbench.protocol.schema import Protocol
-from auditbench.training.device import Accelerator, select_accelerator
+from auditbench.training.device import Accelerator, accelerator_for
 
 
 STORE_DIR = "store"  # the run's own feature store (without --cache), inside its staging folder
@@ -48,9 +49,8 @@ class Runner:
         self.base_dir = base_dir
         self.console = console or Console(stderr=True)
         self.clock = StageClock()
-        self.accelerator: Accelerator = select_accelerator(protocol.training.device, protocol.training.mixed_precision,
-                                      protocol.training.deterministic)
-        self.specs = expand_grid(protocol)
+        self.accelerator: Accelerator = accelerator_for(protocol.training)
+        self.specs = expand_grid(protocol, data_axes(protocol))
         self.cache_dir = cache_dir
         self.executor = executor or make_executor("local")
         # Without --cache the store is working state of this run (and of its resumption).
@@ -58,7 +58,7 @@ class Runner:
         self.pass_factory = PassFactory(protocol, self.accelerator, self.store_folder)
         self.cells_finished = 0
         check_registered_names(protocol)
-        self.cam = resolve_method(protocol.explain.method)
+        self.cams = {name: resolve_method(name) for name in protocol.explain.method}
 
     @property
     def provenance(self) -> dict[str, str]:
@@ -113,7 +113,7 @@ class Runner:
 
     def _compute_cells(self, plan: RunPlan, journal: CellJournal, done: dict[CellKey, CellResult]) -> dict[CellKey, CellResult]:
         computed: dict[CellKey, CellResult] = {}
-        context = CellContext(self.protocol, self.accelerator, self.cam, self.out_dir, self.provenance,
+        context = CellContext(self.protocol, self.accelerator, self.cams, self.out_dir, self.provenance,
                               frozenset(sanity_cells(plan)))
         total, self.cells_finished = plan.n_cells, len(done)
         # A terminal gets the live bar; a log (CI, a pipe) one plain line per finished model x fold.

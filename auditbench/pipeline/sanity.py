@@ -1,4 +1,4 @@
-"""Stage 4b: sanity checks of the explanation method, once per backbone, on a trained model.
+"""Stage 4b: sanity checks of each explanation method, once per backbone, on a trained model.
 
 Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018; Arun et al., "Assessing the
 trustworthiness of saliency maps for localizing abnormalities in medical imaging", Radiology: AI
@@ -7,7 +7,7 @@ trained on shuffled labels, does not explain *this* model. On the first model of
 (plan order), fold 0, ``sanity.images`` internal test images:
 
 - *cascading randomisation*: the model's units re-initialised cumulatively from the top
-  (``explain.sanity.cascading_randomisation``), maps compared with the trained model's by Spearman
+  (``audit.sanity.cascading_randomisation``), maps compared with the trained model's by Spearman
   rank correlation and SSIM after each step;
 - *label shuffle*: a head trained on the fold's shuffled labels over the pretrained backbone's
   features (shuffling and fine-tuning a whole backbone again is left out: it would double the
@@ -25,7 +25,7 @@ import torch
 
 from auditbench.data.prepare import TaskData
 from auditbench.data.splits import Fold
-from auditbench.explain.sanity import (
+from auditbench.audit.sanity import (
     cascading_randomisation, map_similarity, random_pair_baseline, randomisation_verdict, shuffled_labels,
 )
 from auditbench.models.classifier import Classifier, Head
@@ -59,32 +59,35 @@ def sanity_rows(context, spec: ModelSpec, model: ModelFold, inputs: GroupInputs,
     groups = [data.test_view[i].patient_id for i in rows]
     seed = stable_seed(protocol.seed, "sanity", spec.model_id)
 
-    def maps_of(candidate: ModelFold, cached):
-        return predict_and_explain(candidate, inputs, frames, cached, context.cam, protocol.explain,
-                                   context.accelerator)[1]
+    def maps_of(candidate: ModelFold, cached) -> dict[str, np.ndarray]:
+        return predict_and_explain(candidate, inputs, frames, cached, context.cams, protocol.explain,
+                                   context.accelerator).heatmaps
 
     original = maps_of(model, inputs.test.maps(rows))
-    baseline = random_pair_baseline(original, n_pairs=50, seed=seed)
-    common = {"model_id": spec.model_id, "backbone": spec.backbone, "weights": spec.weights,
-              "method": protocol.explain.method,
-              "layer": protocol.explain.layer, "n_images": len(rows),
-              "baseline_spearman": float(baseline.mean_spearman), "baseline_ssim": float(baseline.mean_ssim)}
-    out = []
+    baselines = {method: random_pair_baseline(maps, n_pairs=50, seed=seed) for method, maps in original.items()}
+    common = {method: {"model_id": spec.model_id, "backbone": spec.backbone, "weights": spec.weights, "method": method,
+                       "layer": protocol.explain.layer, "n_images": len(rows),
+                       "baseline_spearman": float(baseline.mean_spearman), "baseline_ssim": float(baseline.mean_ssim)}
+              for method, baseline in baselines.items()}
+    out = {method: [] for method in original}
     steps = list(cascading_randomisation(model.classifier, seed=seed, granularity=protocol.sanity.granularity))
     for step in steps:
         # The backbone changes from the first backbone unit on: its cached maps no longer apply.
-        similarity = map_similarity(original, maps_of(ModelFold(step.model, frozen=False), None))
-        row = {**common, "test": CASCADE, "step": step.index, "unit": step.unit.name,
-               "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim), "verdict": "", "reason": ""}
-        if step is steps[-1]:
-            row.update(_verdict(similarity, baseline, groups, protocol.metrics.bootstrap, seed))
-        out.append(row)
-    shuffled = _shuffled_head_model(protocol, spec, inputs, data, fold, seed)
-    similarity = map_similarity(original, maps_of(shuffled, inputs.test.maps(rows)))
-    out.append({**common, "test": LABEL_SHUFFLE, "step": 0, "unit": "head trained on shuffled labels",
-                "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim),
-                **_verdict(similarity, baseline, groups, protocol.metrics.bootstrap, seed)})
-    return out
+        randomised = maps_of(ModelFold(step.model, frozen=False), None)
+        for method, maps in randomised.items():
+            similarity = map_similarity(original[method], maps)
+            row = {**common[method], "test": CASCADE, "step": step.index, "unit": step.unit.name,
+                   "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim), "verdict": "", "reason": ""}
+            if step is steps[-1]:
+                row.update(_verdict(similarity, baselines[method], groups, protocol.metrics.bootstrap, seed))
+            out[method].append(row)
+    shuffled = maps_of(_shuffled_head_model(protocol, spec, inputs, data, fold, seed), inputs.test.maps(rows))
+    for method, maps in shuffled.items():
+        similarity = map_similarity(original[method], maps)
+        out[method].append({**common[method], "test": LABEL_SHUFFLE, "step": 0, "unit": "head trained on shuffled labels",
+                            "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim),
+                            **_verdict(similarity, baselines[method], groups, protocol.metrics.bootstrap, seed)})
+    return [row for method_rows in out.values() for row in method_rows]
 
 
 def _shuffled_head_model(protocol, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold, seed: int) -> ModelFold:
@@ -105,12 +108,12 @@ def _verdict(similarity, baseline, groups, n_boot: int, seed: int) -> dict:
 
 
 def sanity_column(models: pd.DataFrame, sanity: pd.DataFrame) -> pd.Series:
-    """models.csv's ``explanation_sanity``: the cascade verdict of each model's backbone x weights
-    (``not run`` where no check ran, e.g. ``sanity.images: 0``)."""
+    """models.csv's ``explanation_sanity``: the cascade verdict of the row's method on its model's
+    backbone x weights (``not run`` where no check ran, e.g. ``sanity.images: 0``)."""
     final = sanity[(sanity["test"] == CASCADE) & (sanity["verdict"] != "")]
-    verdicts = {(row.backbone, row.weights): row.verdict for row in final.itertuples()}
-    return pd.Series([verdicts.get((b, w), "not run") for b, w in zip(models["backbone"], models["weights"])],
-                     index=models.index)
+    verdicts = {(row.backbone, row.weights, row.method): row.verdict for row in final.itertuples()}
+    keys = zip(models["backbone"], models["weights"], models["method"])
+    return pd.Series([verdicts.get(key, "not run") for key in keys], index=models.index)
 
 
 def _mean(values: np.ndarray) -> float:
@@ -121,7 +124,7 @@ def _mean(values: np.ndarray) -> float:
 def sanity_notes(sanity: pd.DataFrame) -> list[str]:
     """One line per backbone: the verdicts of both tests with the similarities behind them."""
     lines = []
-    for (backbone, weights), rows in sanity.groupby(["backbone", "weights"], sort=False):
+    for (backbone, weights, _method), rows in sanity.groupby(["backbone", "weights", "method"], sort=False):
         final = rows[rows["verdict"] != ""]
         parts = [f"{row.test.replace('_', ' ')} {row.verdict} (SSIM {row.ssim:.2f} vs random pairs {row.baseline_ssim:.2f})"
                  for row in final.itertuples()]

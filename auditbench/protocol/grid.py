@@ -36,19 +36,6 @@ class ModelSpec:
         }
 
 
-def data_axes(protocol: Protocol) -> dict[str, list]:
-    """Grid axes that change the training data: the synthetic shortcut strength, marker placement
-    and phantom seed (real data sets have none)."""
-    if protocol.data.dataset == "synthetic":
-        synthetic = protocol.data.synthetic
-        return {
-            "shortcut_strength": list(synthetic.shortcut_strength),
-            "artifact_placement": list(synthetic.artifact_placement),
-            "data_seed": list(synthetic.seed) if synthetic.seed is not None else [protocol.seed],
-        }
-    return {}
-
-
 def finetune_modes(protocol: Protocol, backbone: BackboneSpec) -> list[bool]:
     """The training modes of one backbone: its own ``finetune`` list, else ``training.finetune``."""
     return backbone.finetune if backbone.finetune is not None else protocol.training.finetune
@@ -58,8 +45,10 @@ def _weights_tag(weights: str) -> str:
     return weights if weights in ("imagenet", "none") else "file"
 
 
-def expand_grid(protocol: Protocol) -> list[ModelSpec]:
-    axes = data_axes(protocol)
+def expand_grid(protocol: Protocol, data_axes: dict[str, list]) -> list[ModelSpec]:
+    """Every model of the grid. ``data_axes``: the grid axes of the protocol's data, declared by the
+    data set that makes it (``auditbench.data.datasets.data_axes``; real data sets have none)."""
+    axes = data_axes
     axis_names = list(axes)
     backbone_names = [b.name for b in protocol.models.backbones]
     ambiguous_backbones = {n for n in backbone_names if backbone_names.count(n) > 1}
@@ -77,7 +66,8 @@ def expand_grid(protocol: Protocol) -> list[ModelSpec]:
         axis_map = dict(zip(axis_names, axis_values))
         specs.append(
             ModelSpec(
-                model_id=_model_id(protocol, task, axis_map, backbone, hidden, finetune, augment, crop, ambiguous_backbones),
+                model_id=_model_id(protocol, task, axis_map, axes, backbone, hidden, finetune, augment, crop,
+                                   ambiguous_backbones),
                 backbone=backbone.name,
                 weights=backbone.weights,
                 hidden=hidden,
@@ -98,6 +88,7 @@ def _model_id(
     protocol: Protocol,
     task: TaskSpec,
     axis_map: dict[str, float],
+    axes: dict[str, list],
     backbone: BackboneSpec,
     hidden: int,
     finetune: bool,
@@ -120,7 +111,7 @@ def _model_id(
     if len(protocol.preprocessing.crop) > 1:
         parts.append("crop" if crop else "full")
     for name, value in axis_map.items():
-        if len(data_axes(protocol)[name]) > 1:
+        if len(axes[name]) > 1:
             text = f"{value:g}" if isinstance(value, float) else str(value).replace("_", "")
             parts.append(f"{_axis_abbreviation(name)}{text}")
     return "-".join(parts)

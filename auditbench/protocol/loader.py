@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from auditbench.protocol.schema import Protocol
+from auditbench.textio import NotUtf8, read_utf8_text
 
 
 class ProtocolError(ValueError):
@@ -138,14 +139,11 @@ def _empty_grid_axes(protocol: Protocol) -> list[tuple]:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    """The protocol's text (UTF-8), or ProtocolError naming the line and byte that is not UTF-8."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ProtocolError(
-            f"{path}, line {line}: byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8; save the protocol as UTF-8"
-        ) from None
+        return read_utf8_text(path)
+    except NotUtf8 as exc:
+        raise ProtocolError(f"{exc.where} is not UTF-8; save the protocol as UTF-8") from None
 
 
 def _yaml_error(error: yaml.YAMLError) -> str:

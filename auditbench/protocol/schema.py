@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from auditbench.data.transforms import STUDY_CROP_RATIO
+# The study resized to 300 px and centre-cropped 224, removing 38 px per side (12.7%, not the 8%
+# its text says); the ratio is kept and scaled to any input size (auditbench.data.transforms).
+STUDY_CROP_RATIO = 38 / 300
 
 
 class _Strict(BaseModel):
@@ -72,7 +74,10 @@ class MaskSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    dataset: Literal["synthetic", "sources"] = "synthetic"
+    # "sources": the real data sets listed in ``sources``; otherwise the name of a registered data set
+    # that generates its images ("synthetic", settings in ``synthetic``), which declares its own grid
+    # axes and known answer (auditbench.data.synthetic_adapter).
+    dataset: str = "synthetic"
     root: str = "data"
     synthetic: SyntheticSpec = SyntheticSpec()
     sources: list[SourceSpec] = []
@@ -201,12 +206,28 @@ class TrainingSpec(_Strict):
     # GPU runs: torch's deterministic algorithms (an op without one raises) and no cuDNN autotuning.
     # CPU runs are deterministic without it.
     deterministic: bool = False
+    # NHWC weights and batches for the backbone (GPU tensor cores); numbers differ from NCHW in the
+    # last bits, so the feature store keys on it. Off until benchmarks/gpu.sh has measured it.
+    channels_last: bool = False
+    # Processes that read and frame images while the backbone runs ("auto": none on the CPU, where
+    # the backbone already uses every core; half the cores, at most 8, with a GPU).
+    loader_workers: int | Literal["auto"] = "auto"
 
     _axes = field_validator("finetune", "augment", mode="before")(_as_list)
 
+    @field_validator("loader_workers")
+    @classmethod
+    def _workers(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 'auto' or a number >= 0")
+        return value
+
 
 class ExplainSpec(_Strict):
-    method: str = "gradcam"
+    # The explanation methods, an evaluation axis: every model is explained by each (the column
+    # ``method`` of every result table). The first is the primary method: selection, ``check``,
+    # the gallery and the model card use its maps; the others are reported beside it.
+    method: list[str] = Field(["gradcam"], min_length=1)
     target: Literal["positive", "predicted"] = "positive"  # the class whose evidence is mapped
     # The score differentiated: "log_odds" = logit[target] - logit[other], the quantity p(positive)
     # depends on (a two-logit head's decision); "logit" = logit[target] alone, as in the Grad-CAM
@@ -216,6 +237,21 @@ class ExplainSpec(_Strict):
     # last level with stride <= 16 / <= 8 (finer maps; the backward runs through the top blocks).
     layer: Literal["last", "stride16", "stride8"] = "last"
     batch_size: int = Field(32, ge=1)
+
+    _axis = field_validator("method", mode="before")(_as_list)
+
+    @field_validator("method")
+    @classmethod
+    def _unique_methods(cls, methods: list[str]) -> list[str]:
+        repeated = sorted({m for m in methods if methods.count(m) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return methods
+
+    @property
+    def primary(self) -> str:
+        """The method whose maps selection, ``check``, the gallery and the model card use."""
+        return self.method[0]
 
 
 class MetricsSpec(_Strict):

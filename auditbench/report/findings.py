@@ -23,6 +23,7 @@ from auditbench.report.external import (
 from auditbench.report.formatting import ci, fmt, fmt_int, interval, items, number, percent, text
 from auditbench.report.rule import Constraint, constraints, selection_rule, shortfall, violates
 from auditbench.report.sections.decisions import error_links
+from auditbench.report.sections.methods import DISAGREEMENT
 from auditbench.report.tables import ResultTables
 
 OCCLUSION_SUFFIX = "_occlusion_effect"
@@ -58,7 +59,7 @@ def card_model(tables: ResultTables) -> tuple[pd.Series, bool]:
 def findings(tables: ResultTables) -> list[Finding]:
     """All findings, most important first: the selection, external sets, occlusion constraints, validation."""
     return [*selection_findings(tables), *external_findings(tables), *occlusion_findings(tables),
-            *validation_findings(tables)]
+            *explanation_findings(tables), *validation_findings(tables)]
 
 
 # --- selection --------------------------------------------------------------------------------
@@ -204,6 +205,34 @@ def occlusion_findings(tables: ResultTables) -> list[Finding]:
     return out
 
 
+# --- explanation methods ----------------------------------------------------------------------
+
+
+def explanation_findings(tables: ResultTables) -> list[Finding]:
+    """For the model the report speaks for: its primary method failing the randomisation check, and
+    other methods whose maps disagree with the primary's (``method_agreement`` below DISAGREEMENT)."""
+    row, _ = card_model(tables)
+    model = text(row["model_id"])
+    primary = tables.methods[0] if tables.methods else "the explanation method"
+    out = []
+    if text(row.get("explanation_sanity", "")) == "fail":
+        out.append(Finding("bad", f"{primary} fails the randomisation sanity check on {model}'s backbone:",
+                           "its maps barely change when the model's weights are re-initialised, so they do not "
+                           "explain this model; attention metrics from them are not evidence about it (sanity.csv)."))
+    by_method = tables.by_method
+    if by_method is not None and "method_agreement_mean" in by_method:
+        mine = by_method[by_method["model_id"].astype(str) == model]
+        low = [(text(r["method"]), number(r["method_agreement_mean"])) for _, r in mine.iterrows()
+               if number(r["method_agreement_mean"]) < DISAGREEMENT]
+        if low:
+            named = ", ".join(f"{method} (Spearman {fmt(value, 2)})" for method, value in low)
+            out.append(Finding("warn", f"Explanation methods disagree on {model}:",
+                               f"{named} rank the image's pixels unlike {primary} (mean over the internal test "
+                               f"images; below {DISAGREEMENT} counts as disagreement). No single method's map "
+                               "summarises this model's evidence; see Explanation methods."))
+    return out
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
@@ -214,6 +243,8 @@ def validation_findings(tables: ResultTables) -> list[Finding]:
         return []
     if "frame" in table:
         table = table[table["frame"].map(text).isin(["all", ""])]
+    if "method" in table and len(table):  # the primary method's rows: what the selection gates with
+        table = table[table["method"] == table["method"].iloc[0]]
     chance, inverted, separating = [], [], []
     for _, row in table.iterrows():
         auroc = number(row["auroc"])

@@ -27,6 +27,8 @@ from auditbench.report.sections.comparisons import confusion, crop_pairs, extern
 from auditbench.report.sections.decisions import decisions
 from auditbench.report.sections.gallery import data_info, gallery
 from auditbench.report.sections.header import run_info, selection_info
+from auditbench.report.sections.models import model_details
+from auditbench.report.sections.methods import methods
 from auditbench.report.sections.ranking import ranking
 from auditbench.report.sections.scatter import scatter
 from auditbench.report.tables import SEPARATES_AUROC, ResultTables, read_tables
@@ -82,9 +84,11 @@ def build_context(tables: ResultTables) -> dict[str, Any]:
         "scatter": scatter(tables, models, higher),
         "crop": crop_pairs(tables, models),
         "validation": validation(tables.validation),
+        "methods": methods(tables, higher),
         "external": external(tables, models, classes),
         "confusion": confusion(tables.results, models, classes),
         "decisions": decisions(tables, classes),
+        "models_detail": model_details(tables, classes, higher),
         "gallery": gallery(tables, models),
         "data": data_info(tables),
         "colorbar": data_uri(colorbar_png()),

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-GRID_COLUMNS = ["model_id", "backbone", "weights", "hidden", "finetune", "augment", "crop", "task"]
-"""Grid columns every protocol has; data axes (e.g. ``shortcut_strength``) follow them."""
+GRID_COLUMNS = ["model_id", "method", "backbone", "weights", "hidden", "finetune", "augment", "crop", "task"]
+"""Grid columns every protocol has; data axes (e.g. ``shortcut_strength``) follow them. ``method``: the
+explanation method of the row (``explain.method``; one row per model and method)."""
 
 RESULTS_COLUMNS = ["split", "fold", "metric", "value"]
 """results.csv: after the grid columns."""
@@ -25,7 +26,7 @@ MODEL_TAIL_COLUMNS = [
 """models.csv: after the metric pairs."""
 
 IMAGE_COLUMNS = [
-    "model_id", "fold", "split", "sample_id", "source", "patient_id", "path", "label", "label_index",
+    "model_id", "method", "fold", "split", "sample_id", "source", "patient_id", "path", "label", "label_index",
     "prediction", "p_positive", "correct", "mask_source", "has_artifact", "artifact_status", "border_in_view",
 ]
 """images.csv: before one column per attention and occlusion metric."""
@@ -37,9 +38,10 @@ VALIDATION_COLUMNS = [
 ]
 SKIPPED_COLUMNS = ["path", "reason", "source"]
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
-                   "lung_mass", "file"]
-GALLERY_ADDED_COLUMNS = ["split", "prediction"]
-"""gallery.csv columns a run before the gallery of decisions lacks (its rows are internal best / worst)."""
+                   "lung_mass", "file", "source"]
+GALLERY_ADDED_COLUMNS = ["split", "prediction", "source"]
+"""gallery.csv columns an older run lacks: before the gallery of decisions (its rows are internal
+best / worst) ``split`` and ``prediction``; before the per-source examples ``source``."""
 
 PROVENANCE_COLUMNS = ["run_id", "protocol_sha256"]
 """Last two columns of every CSV a run writes: which run wrote the row, from which resolved protocol."""
@@ -79,7 +81,7 @@ _BOOL_COLUMNS = {
 _FILES: dict[str, tuple[list[str], bool]] = {
     RESULTS_FILE: (["model_id", *RESULTS_COLUMNS], False),
     MODELS_FILE: (["model_id", *MODEL_COLUMNS, *MODEL_TAIL_COLUMNS], False),
-    IMAGES_FILE: (IMAGE_COLUMNS, False),
+    IMAGES_FILE: ([c for c in IMAGE_COLUMNS if c != "method"], False),  # a run before the method axis has none
     VALIDATION_FILE: (VALIDATION_COLUMNS, True),
     SKIPPED_FILE: (SKIPPED_COLUMNS, True),
     GALLERY_FILE: ([c for c in GALLERY_COLUMNS if c not in GALLERY_ADDED_COLUMNS], True),
@@ -147,6 +149,16 @@ class ResultTables:
     provenance: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
     """CSV file -> the (run_id, protocol_sha256) pairs of its rows; the columns themselves are
     dropped from the frames. A file without provenance columns (an older run) is absent."""
+    by_method: pd.DataFrame | None = None
+    """models.csv whole: one row per model and explanation method. ``models``, ``results`` and
+    ``images`` hold the primary method's rows only (``explain.method[0]``): what the ranking,
+    the report's model sections and ``check`` read."""
+
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods of the run, the primary first."""
+        frame = self.by_method if self.by_method is not None else self.models
+        return list(dict.fromkeys(frame["method"].astype(str))) if "method" in frame else []
 
     @property
     def grid_columns(self) -> list[str]:
@@ -184,16 +196,19 @@ def read_tables(out_dir: Path | str) -> ResultTables:
         if all(c in frame.columns for c in PROVENANCE_COLUMNS):
             provenance[name] = set(zip(frame["run_id"].astype(str), frame["protocol_sha256"].astype(str)))
             frames[name] = frame.drop(columns=PROVENANCE_COLUMNS)
-    models = frames[MODELS_FILE]
-    if models.empty:
+    by_method = frames[MODELS_FILE]
+    if by_method.empty:
         raise ResultsError(f"{out_dir / MODELS_FILE} has no models")
-    if models["model_id"].duplicated().any():
-        duplicates = sorted(set(models.loc[models["model_id"].duplicated(), "model_id"]))
+    keys = ["model_id", "method"] if "method" in by_method else ["model_id"]
+    if by_method.duplicated(keys).any():
+        duplicates = sorted(set(by_method.loc[by_method.duplicated(keys), "model_id"]))
         raise ResultsError(f"{out_dir / MODELS_FILE} lists models more than once: {', '.join(duplicates)}")
+    primary = str(by_method["method"].iloc[0]) if "method" in by_method else None  # written primary first
     return ResultTables(
-        results=frames[RESULTS_FILE],
-        models=models,
-        images=frames[IMAGES_FILE],
+        results=primary_method_rows(frames[RESULTS_FILE], primary),
+        models=primary_method_rows(by_method, primary),
+        images=primary_method_rows(frames[IMAGES_FILE], primary),
+        by_method=by_method,
         validation=frames[VALIDATION_FILE],
         skipped=frames[SKIPPED_FILE],
         gallery=frames[GALLERY_FILE],
@@ -201,6 +216,13 @@ def read_tables(out_dir: Path | str) -> ResultTables:
         out_dir=out_dir,
         provenance=provenance,
     )
+
+
+def primary_method_rows(frame: pd.DataFrame, primary: str | None) -> pd.DataFrame:
+    """The rows of the primary explanation method (a table without ``method``: all of them)."""
+    if primary is None or "method" not in frame:
+        return frame
+    return frame[frame["method"].astype(str) == primary].reset_index(drop=True)
 
 
 def write_tables(tables: ResultTables, out_dir: Path | str) -> None:
@@ -212,7 +234,7 @@ def write_tables(tables: ResultTables, out_dir: Path | str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {
         RESULTS_FILE: tables.results,
-        MODELS_FILE: tables.models,
+        MODELS_FILE: tables.by_method if tables.by_method is not None else tables.models,
         IMAGES_FILE: tables.images,
         VALIDATION_FILE: tables.validation,
         SKIPPED_FILE: tables.skipped,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from auditbench.data.transforms import normalise
-from auditbench.training.device import Accelerator, to_device
+from auditbench.training.device import Accelerator
 
 
 @dataclass
@@ -36,10 +36,10 @@ def extract_features(
     keep_maps: bool = False,
 ) -> CachedFeatures:
     """Run the backbone once over ``frames`` (N, S, S) in [0, 1]."""
-    backbone.eval().to(accelerator.device)
+    accelerator.place(backbone.eval())
     pooled, maps = [], []
     for start in range(0, len(frames), batch_size):
-        x = to_device(normalise(frames[start : start + batch_size], mean, std), accelerator.device)
+        x = accelerator.batch(normalise(frames[start : start + batch_size], mean, std))
         with accelerator.autocast():
             feature_map = backbone(x)
         feature_map = feature_map.float()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from auditbench.data.transforms import normalise
 from auditbench.protocol.schema import PhaseSpec
-from auditbench.training.device import Accelerator, to_device
+from auditbench.training.device import Accelerator
 
 
 @dataclass
@@ -114,7 +114,7 @@ def finetune(
     BatchNorm statistics stay frozen (eval mode), as usual when fine-tuning on small data sets.
     """
     device = accelerator.device
-    model.to(device)
+    accelerator.place(model)
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=accelerator.amp_dtype == torch.float16)
@@ -126,7 +126,7 @@ def finetune(
         frames = augment(train_frames, seed * 1000 + epoch) if augment is not None else train_frames
         total = 0.0
         for batch in _batches(len(y_train), batch_size, generator):
-            x = to_device(normalise(frames[batch.numpy()], mean, std), device)
+            x = accelerator.batch(normalise(frames[batch.numpy()], mean, std))
             with accelerator.autocast():
                 loss = F.cross_entropy(model(x).float(), y_train[batch].to(device))
             optimiser.zero_grad(set_to_none=True)
@@ -155,10 +155,10 @@ def _train_mode_without_batchnorm(model: torch.nn.Module) -> None:
 def predict_logits(model, frames: np.ndarray, mean, std, batch_size: int, accelerator: Accelerator) -> torch.Tensor:
     """Logits of a :class:`Classifier`: the backbone under the accelerator's precision, the head in
     fp32, the path every p(positive) of the audit takes (original and occluded images alike)."""
-    model.eval().to(accelerator.device)
+    accelerator.place(model.eval())
     out = []
     for start in range(0, len(frames), batch_size):
-        x = to_device(normalise(frames[start : start + batch_size], mean, std), accelerator.device)
+        x = accelerator.batch(normalise(frames[start : start + batch_size], mean, std))
         with accelerator.autocast():
             feature_map = model.features(x)
         out.append(model.head(feature_map.float()).cpu())

@@ -50,6 +50,10 @@ def validation(table: pd.DataFrame) -> dict[str, Any] | None:
     """The stratified ("all") rows as the main table, the per-frame rows apart."""
     if table.empty:
         return None
+    if "method" in table:
+        # Only attention metrics depend on the explanation method; the others are shown once.
+        first = table["method"].iloc[0]
+        table = table[(table["kind"] == "attention") | (table["method"] == first)].reset_index(drop=True)
     frames = table["frame"].map(text) if "frame" in table else pd.Series(ALL_FRAMES, index=table.index)
     order = {m: k for k, m in enumerate(dict.fromkeys(table["metric"].map(text)))}
     main, per_frame = [], []
@@ -75,8 +79,9 @@ def validation_row(row: pd.Series, frame: str) -> dict[str, Any]:
         verdict, cls = "does not separate (CI reaches 0.5)", "bad"
     else:
         verdict, cls = "does not separate", "bad"
+    method = text(row.get("method", "")) if row.get("kind") == "attention" else "any"
     return {
-        "metric": text(row["metric"]), "kind": text(row["kind"]), "frame": text(frame),
+        "metric": text(row["metric"]), "kind": text(row["kind"]), "frame": text(frame), "method": method,
         "arrow": arrow(bool(row["higher_is_better"])),
         "n_models": fmt_int(get("n_models")),
         "n_relying": fmt_int(get("n_relying", "n_shortcut_models")),

@@ -23,14 +23,15 @@ TRAIN_DISTRIBUTION = "train_distribution"
 """Synthetic data's internal test images redrawn with the training bias: scored without maps, never in the gallery."""
 
 
-def decision_models(tables: ResultTables) -> list[str]:
-    """The models the section shows, the selected one first, then by rank (:data:`DECISION_MODELS`)."""
+def decision_models(tables: ResultTables, limit: int = DECISION_MODELS) -> list[str]:
+    """The models the section shows, the selected one first, then by rank, at most ``limit``
+    (:data:`DECISION_MODELS`; the per-model section uses the same rule)."""
     ranked = [text(m) for m in tables.models.sort_values("rank", kind="stable")["model_id"]]
-    if len(ranked) <= DECISION_MODELS:
+    if len(ranked) <= limit:
         return ranked
     selected = tables.selected_model
     first = [selected] if selected in ranked else []
-    return (first + [m for m in ranked if m != selected])[:DECISION_MODELS]
+    return (first + [m for m in ranked if m != selected])[:limit]
 
 
 def errors_anchor(model_id: str, split: str) -> str:

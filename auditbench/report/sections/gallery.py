@@ -15,9 +15,10 @@ LUNG_MASS_KINDS = ("best", "worst")
 
 def gallery_rows(tables: ResultTables) -> pd.DataFrame:
     """gallery.csv with every column; a run from before the gallery of decisions held only internal
-    best / worst rows and lacks ``split`` and ``prediction``."""
+    best / worst rows and lacks ``split`` and ``prediction``, one from before the per-source
+    examples lacks ``source``."""
     frame = tables.gallery
-    defaults = {"split": INTERNAL_SPLIT, "prediction": ""}
+    defaults = {"split": INTERNAL_SPLIT, "prediction": "", "source": ""}
     return frame.assign(**{column: value for column, value in defaults.items() if column not in frame})
 
 
