@@ -150,3 +150,26 @@ def test_summary_is_the_patient_level_bootstrap():
     assert summary["iou"][0] == pytest.approx(0.5)
     assert summary["iou"][1:] == pytest.approx(mean_ci(scores["iou"], groups, 200, 3))
     assert summary["hit"] == pytest.approx((0.75, *mean_ci(scores["hit"], groups, 200, 3)))
+
+
+def test_registered_localisation_metrics_by_hand_through_attention_metrics():
+    """lung_iou, artifact_iou and lung_hit as the run computes them (audit.metrics.attention_metrics):
+    8x8 frame, lungs rows/cols 2-5 (16 px), a 2x2 marker at the corner dilated by one cell (cell 1 px:
+    the 3x3 corner, 9 px)."""
+    import warnings
+
+    from auditbench.audit.metrics import attention_metrics
+
+    maps = np.zeros((3, 8, 8))
+    maps[0, 2:4, 2:4] = 1  # 4 px inside the lungs, one of them inside the dilated marker
+    maps[2, 0, 0], maps[2, 4:6, 4:6] = 5, 1  # Otsu keeps the peak (255) alone; it sits on the marker
+    lungs = np.zeros((3, 8, 8), bool)
+    lungs[:, 2:6, 2:6] = True
+    marker = np.zeros((3, 8, 8), bool)
+    marker[[0, 2], 0:2, 0:2] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # image 1: a zero map, every metric NaN
+        values = attention_metrics(maps, lungs, marker, np.zeros_like(lungs), cell_px=1).values
+    np.testing.assert_allclose(values["lung_iou"], [4 / 16, np.nan, 0.0])
+    np.testing.assert_allclose(values["artifact_iou"], [1 / (4 + 9 - 1), np.nan, 1 / 9])
+    np.testing.assert_allclose(values["lung_hit"], [1.0, np.nan, 0.0])

@@ -42,10 +42,11 @@ def test_registry_declares_directions_and_applicability():
     assert METRICS.get("lung_occlusion_effect").higher_is_better
     applicable = {n for n, m in METRICS.items() if m.not_applicable_when_undefined}
     assert applicable == {
-        "artifact_mass", "artifact_enrichment", "artifact_occlusion_effect", "border_mass", "border_occlusion_effect",
-        "shortcut_reliance"}
+        "artifact_mass", "artifact_enrichment", "artifact_iou", "artifact_occlusion_effect", "border_mass",
+        "border_occlusion_effect", "shortcut_reliance"}
     assert metric_names("attention") == [
-        "artifact_enrichment", "artifact_mass", "border_mass", "lung_enrichment", "lung_mass", "pointing_game"]
+        "artifact_enrichment", "artifact_iou", "artifact_mass", "border_mass", "lung_enrichment", "lung_hit", "lung_iou",
+        "lung_mass", "pointing_game"]
     assert metric_names("behaviour") == ["shortcut_accuracy_drop", "shortcut_reliance"]
     assert metric_names("occlusion") == [
         "artifact_occlusion_effect", "border_occlusion_effect", "lung_occlusion_effect"]

@@ -189,6 +189,44 @@ def lung_pointing_game(a: AttentionInputs) -> np.ndarray:  # not "pointing_game"
     return pointing_game(a.heatmaps, a.lungs, tolerance_px=a.cell_px)
 
 
+# Localisation as CheXlocalize scores it (audit.localisation): the map scaled to [0, 1] per image and
+# binarised by Otsu, unlike the mass metrics above, which weigh the raw map (docs/metrics.md says why
+# both exist). audit.localisation imports this module, so it is imported where it is used.
+_CHEXLOCALIZE = ("Saporta et al., Benchmarking saliency methods for chest X-ray interpretation (CheXlocalize), "
+                 "Nature Machine Intelligence 2022")
+
+
+@METRICS.register(
+    "lung_iou", higher_is_better=True, kind="attention", citation=_CHEXLOCALIZE, region="lung",
+    description="|B and L| / |B or L|, B = the map scaled to [0, 1] and binarised by Otsu, L = the lung mask",
+)
+def lung_iou(a: AttentionInputs) -> np.ndarray:
+    from auditbench.audit.localisation import iou
+
+    return iou(a.heatmaps, a.lungs)
+
+
+@METRICS.register(
+    "artifact_iou", higher_is_better=False, kind="attention", citation=_CHEXLOCALIZE, region="artifact",
+    description=f"IoU of the Otsu-binarised map with the artifact mask, {_CELL}; NaN without an artifact in view",
+)
+def artifact_iou(a: AttentionInputs) -> np.ndarray:
+    from auditbench.audit.localisation import iou
+
+    return iou(a.heatmaps, a.artifacts)
+
+
+@METRICS.register(
+    "lung_hit", higher_is_better=True, kind="attention", citation=_CHEXLOCALIZE, region="lung",
+    description="1 if the map's maximum pixel lies in the lung mask, else 0: CheXlocalize's hit (the pointing "
+    "game without pointing_game's one-cell tolerance)",
+)
+def lung_hit(a: AttentionInputs) -> np.ndarray:
+    from auditbench.audit.localisation import hit_rate
+
+    return hit_rate(a.heatmaps, a.lungs)
+
+
 # ---------------------------------------------------------------- occlusion, behaviour and probe metrics
 # Their values are computed by modules that import this one (audit.occlusion, audit.probes, the run's evaluate
 # stage): registering their functions here would make an import cycle. So the decorator is applied to None
