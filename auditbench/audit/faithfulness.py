@@ -15,8 +15,9 @@ trapezoid rule over the fraction axis divided by its span (f_last - f_first): th
 piecewise-linear curve, in p's units, so deletion (fractions 0..1) and ROAD (0.2..0.8) read alike. A constant
 map has no order: its AUCs are NaN.
 
-``predict(images (n, 3, H, W) float32) -> p (n,)`` is any batched model output (e.g. p(positive)); images
-are in whatever space ``predict`` takes, and substrates and noise are in that space too.
+``predict(images (n, C, H, W) float32) -> p (n,)`` is any batched model output (e.g. p(positive)), for any
+number of channels C (3 for RGB; the run passes its greyscale frames as C = 1, pipeline/faithfulness_pass.py);
+images are in whatever space ``predict`` takes, and substrates and noise are in that space too.
 """
 from __future__ import annotations
 
@@ -85,7 +86,11 @@ def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, noise: float = 0
         rhs[source[~unknown]] += weight * flat[:, neighbour[~unknown]].T  # one neighbour per row per offset
     matrix = sparse.csc_matrix((np.concatenate([diagonal, *values]), (np.concatenate(rows), np.concatenate(cols))),
                                shape=(len(index), len(index)))
-    solution = splu(matrix).solve(rhs)
+    # The matrix is symmetric (the weights are) and positive definite (diagonally dominant, strictly on every
+    # connected group of removed pixels, which touches a kept one): a symmetric ordering without pivoting
+    # factors it about 1.5x faster than SuperLU's general default, to the same values up to rounding.
+    solution = splu(matrix, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                    options={"SymmetricMode": True}).solve(rhs)
     if noise:
         rng = np.random.default_rng() if rng is None else rng
         solution = solution + noise * rng.standard_normal(solution.shape)
@@ -193,12 +198,14 @@ class Road:
 
 
 def road(predict: Predict, images: np.ndarray, maps: np.ndarray, fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8),
-         noise: float = 0.01, seed: int = 0, batch_size: int = 64) -> Road:
+         noise: float = 0.01, seed: int = 0, batch_size: int = 64, first_index: int = 0) -> Road:
     """ROAD (Rong et al. 2022): p after removing each fraction of pixels, most (MoRF) or least (LeRF) relevant
     first, filled by :func:`noisy_linear_impute`.
 
     The noise of image i, order o (0 MoRF, 1 LeRF) and fraction k is drawn from
-    ``default_rng([seed, i, o, k])``, so results do not depend on ``batch_size``. ``combined`` is the
+    ``default_rng([seed, first_index + i, o, k])``, so results do not depend on ``batch_size``, and a caller
+    that passes a longer sample in parts (``first_index``: the position of ``images[0]`` in it) gets the
+    values of one call on the whole sample. ``combined`` is the
     per-image mean over fractions of (p_LeRF - p_MoRF) / 2, as pytorch-grad-cam's ``ROADCombined`` (its
     differences from p(x) cancel).
     """
@@ -206,6 +213,8 @@ def road(predict: Predict, images: np.ndarray, maps: np.ndarray, fractions: Sequ
     fractions = np.asarray(fractions, dtype=np.float64)
     if len(fractions) < 2 or np.any(np.diff(fractions) <= 0) or fractions[0] < 0 or fractions[-1] >= 1:
         raise ValueError(f"fractions must increase, at least two, within [0, 1): got {fractions}")
+    if not isinstance(first_index, (int, np.integer)) or first_index < 0:
+        raise ValueError(f"first_index must be a non-negative integer, got {first_index!r}")
     n, _, height, width = images.shape
     counts = _counts(fractions, height * width)
     curves = []
@@ -218,7 +227,7 @@ def road(predict: Predict, images: np.ndarray, maps: np.ndarray, fractions: Sequ
                 removed = np.zeros(height * width, dtype=bool)
                 removed[order[i, :count]] = True
                 filled[i] = noisy_linear_impute(images[i], removed.reshape(height, width), noise,
-                                                np.random.default_rng([seed, i, order_id, k]))
+                                                np.random.default_rng([seed, first_index + i, order_id, k]))
             per_fraction.append(_predict(predict, filled, batch_size))
         curves.append(np.stack(per_fraction, axis=1))
     morf, lerf = curves
@@ -229,10 +238,12 @@ def road(predict: Predict, images: np.ndarray, maps: np.ndarray, fractions: Sequ
 
 def faithfulness_scores(predict: Predict, images: np.ndarray, maps: np.ndarray, *, n_steps: int = 20,
                         road_fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8), noise: float = 0.01, seed: int = 0,
-                        batch_size: int = 64) -> dict[str, np.ndarray]:
+                        batch_size: int = 64, first_index: int = 0) -> dict[str, np.ndarray]:
     """Per-image ``deletion_auc`` (lower is better), ``insertion_auc`` (higher), ``road_morf_auc`` (lower),
-    ``road_lerf_auc`` (higher) and ``road_combined`` (higher), with the defaults of the two functions."""
+    ``road_lerf_auc`` (higher) and ``road_combined`` (higher), with the defaults of the two functions
+    (``first_index``: see :func:`road`; deletion and insertion draw no noise)."""
     curves = deletion_insertion(predict, images, maps, n_steps=n_steps, batch_size=batch_size)
-    removal = road(predict, images, maps, road_fractions, noise=noise, seed=seed, batch_size=batch_size)
+    removal = road(predict, images, maps, road_fractions, noise=noise, seed=seed, batch_size=batch_size,
+                   first_index=first_index)
     return {"deletion_auc": curves.deletion_auc, "insertion_auc": curves.insertion_auc,
             "road_morf_auc": removal.morf_auc, "road_lerf_auc": removal.lerf_auc, "road_combined": removal.combined}

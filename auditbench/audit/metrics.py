@@ -26,7 +26,9 @@ from auditbench.registry import Registry
 
 # "probe": one value per data set (and backbone or model), not a mean of per-image values, computed by
 # ``audit.probes`` outside a cell's per-image evaluation; its uncertainty comes with its own result.
-MetricKind = Literal["classification", "attention", "occlusion", "behaviour", "probe", "agreement"]
+# "faithfulness": per image, how well the map's pixel ranking predicts the model's response to removing pixels
+# (audit.faithfulness); a property of the explanation, not of the model's reliance on a shortcut.
+MetricKind = Literal["classification", "attention", "occlusion", "behaviour", "probe", "agreement", "faithfulness"]
 Region = Literal["lung", "border", "artifact"]
 
 
@@ -288,6 +290,37 @@ METRICS.register(
     "Radiology: AI 2021",
     description="per image, Spearman rank correlation of this method's map with the primary explanation method's "
     "map (explain.method[0]): 1 = the same pixel ranking; NaN on the primary method's own rows",
+)(None)
+# Computed by pipeline.faithfulness_pass (audit.faithfulness.faithfulness_scores, which that module imports with
+# this one) on the first metrics.faithfulness.images internal test images of each fold. Not detectors: they score
+# whether the map is faithful to the model (its pixel ranking predicts what the model responds to), whatever the
+# model reads.
+_RISE = "Petsiuk, Das & Saenko, RISE: Randomized Input Sampling for Explanation of Black-box Models, BMVC 2018"
+_ROAD = ("Rong, Leemann, Borisov, Kasneci & Kasneci, A Consistent and Efficient Evaluation Strategy for Attribution "
+         "Methods (ROAD), ICML 2022")
+METRICS.register(
+    "deletion_auc", higher_is_better=False, kind="faithfulness", citation=_RISE,
+    description="faithfulness of the map to the model: mean p(the class the map explains) while the map's most "
+    "relevant pixels are set to black, 0 to 100% of them in metrics.faithfulness.steps steps: low = p falls fast = "
+    "the map ranks first what the model uses (whatever that is: not a shortcut detector)",
+)(None)
+METRICS.register(
+    "insertion_auc", higher_is_better=True, kind="faithfulness", citation=_RISE,
+    description="faithfulness of the map to the model: mean p(the explained class) while the map's most relevant "
+    "pixels are put back into a blurred copy (sigma 5 px), 0 to 100% of them: high = p recovers fast (not a "
+    "shortcut detector)",
+)(None)
+METRICS.register(
+    "road_morf_auc", higher_is_better=False, kind="faithfulness", citation=_ROAD,
+    description="faithfulness of the map to the model: mean p(the explained class) with the 20, 40, 60, 80% most "
+    "relevant pixels removed and filled by noisy linear imputation (no sharp mask edges for the model to react "
+    "to): low = faithful (not a shortcut detector)",
+)(None)
+METRICS.register(
+    "road_lerf_auc", higher_is_better=True, kind="faithfulness", citation=_ROAD,
+    description="faithfulness of the map to the model: mean p(the explained class) with the 20, 40, 60, 80% least "
+    "relevant pixels removed by noisy linear imputation: high = the pixels the map ranks last do not matter (not a "
+    "shortcut detector)",
 )(None)
 
 

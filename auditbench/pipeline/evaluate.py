@@ -16,12 +16,13 @@ import torch
 
 from auditbench.audit.aggregate import lungs_removed_auc_value
 from auditbench.audit.agreement import rank_agreement
-from auditbench.audit.metrics import attention_metrics, classification_metrics
+from auditbench.audit.metrics import METRICS, attention_metrics, classification_metrics
 from auditbench.audit.occlusion import effects_from_probabilities
 from auditbench.data.prepare import ARTIFACT_ABSENT, Frames, TaskData
 from auditbench.data.records import Sample
 from auditbench.data.splits import Fold
 from auditbench.models.checkpoint import save_checkpoint
+from auditbench.pipeline.faithfulness_pass import chunk_faithfulness
 from auditbench.pipeline.fit import fit_cell
 from auditbench.pipeline.gallery import offer_chunk, offer_sources
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
@@ -35,8 +36,8 @@ from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.schema import Protocol
 from auditbench.training.device import Accelerator
 
-CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity"]
-COUNT_METRICS = ["tn", "fp", "fn", "tp"]
+CLASSIFICATION_METRICS = [name for name, info in METRICS.in_registration_order() if info.kind == "classification"]
+COUNT_METRICS = ["tn", "fp", "fn", "tp"]  # reported by classification_metrics, never registered: counts, not scores
 
 
 @dataclass
@@ -132,6 +133,14 @@ class _Evaluation:
                                                 context.protocol.explain, context.accelerator)
             p, chunk_samples = explained.p, [samples[i] for i in chunk]
             attention = {method: self._attention(method, explained, frames, split) for method in methods}
+            if split == "internal" and context.protocol.metrics.faithfulness.images:  # the first N, NaN beyond
+                with self.clock.stage("faithfulness"), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    predict = probability_fn(model, inputs, self.batch_size, context.accelerator)
+                    for method, values in chunk_faithfulness(context.protocol, predict, explained, frames, start,
+                                                             self.batch_size).items():
+                        attention[method].update(values)
+                self._count_warnings(caught, f"{split} (faithfulness)")
             with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 shared = {}

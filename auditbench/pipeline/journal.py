@@ -22,7 +22,8 @@ from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
 
 JOURNAL_DIR = "cells"
 HEADER_FILE = "journal.json"
-JOURNAL_FORMAT = 4  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method
+JOURNAL_FORMAT = 5  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method;
+# 5: rows carry the faithfulness metrics (deletion, insertion, ROAD)
 _ARRAYS = ("image", "heatmap", "lung", "artifact")
 
 

@@ -254,6 +254,21 @@ class ExplainSpec(_Strict):
         return self.method[0]
 
 
+class FaithfulnessSpec(_Strict):
+    """Deletion, insertion and ROAD (audit/faithfulness.py) per model x fold x explanation method, on
+    the first ``images`` internal test images of the fold (in test-set order; 0: not computed)."""
+
+    # Per image and method: 2 x (steps + 1) + 8 forward passes of the whole model (a frozen model's cell
+    # otherwise runs only its head on cached features) and 8 sparse solves for ROAD's imputation (single-
+    # threaded; about half the cost at 128 px). Measured on protocols/quick.yaml, a quarter of its grid (both
+    # backbones, frozen and fine-tuned, 8 cells) in one process on one thread of a shared CPU: 5 images at 5
+    # steps took 2.3 s per model x fold, 10% of the run's other work (1.6x its explain stage), about +11% on
+    # the whole grid (8 images: +18%). On two free cores the rest parallelises and the solves do not: an
+    # estimated +16%. 5 steps put the deletion curve at ROAD's spacing (fractions 0, 0.2, ..., 1).
+    images: int = Field(5, ge=0)
+    steps: int = Field(5, ge=1)  # deletion / insertion at fractions k / steps, k = 0..steps
+
+
 class MetricsSpec(_Strict):
     # Outer band per side as a fraction of the *source* image side, mapped into each model frame,
     # so cropped and uncropped models are scored on the same anatomy. None: the synthetic
@@ -261,6 +276,7 @@ class MetricsSpec(_Strict):
     border_fraction: float | None = Field(None, gt=0, lt=0.5)
     occlusion: bool = True
     bootstrap: int = Field(1000, ge=0)  # patient-level bootstrap resamples for 95% CIs (0: none)
+    faithfulness: FaithfulnessSpec = FaithfulnessSpec()
 
 
 class SanitySpec(_Strict):

@@ -1,5 +1,5 @@
 """The explanation-methods section (runs with several ``explain.method``): per model and method, the
-method's sanity verdict, its agreement with the primary method and the attention metrics its maps
+method's sanity verdict, its agreement with the primary method, the attention and faithfulness metrics its maps
 give, and the rank the selection rule would give the model with that method's maps. From models.csv
 alone (``ResultTables.by_method``)."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from typing import Any
 from auditbench.report.formatting import arrow, ci, fmt, fmt_int, number, text
 from auditbench.report.tables import ResultTables, as_bool
 
-METHOD_METRICS = ("method_agreement", "lung_mass", "border_mass", "artifact_mass", "pointing_game")
+METHOD_METRICS = ("method_agreement", "lung_mass", "border_mass", "artifact_mass", "pointing_game", "deletion_auc",
+                  "insertion_auc")
 """The models.csv metrics the section compares across methods (those the run has)."""
 DISAGREEMENT = 0.5
 """A model's ``method_agreement`` (mean Spearman with the primary method's maps) below this is

@@ -23,8 +23,9 @@ others up to this many (as the decisions section)."""
 CONFUSION_COUNTS = ("tn", "fp", "fn", "tp")
 SOURCE_KINDS = {"source_correct": "correct", "source_wrong": "wrong"}
 """gallery.csv kinds of the per-source examples, and how a caption names them."""
-KIND_ORDER = ("classification", "attention", "occlusion", "behaviour", "probe")
+KIND_ORDER = ("classification", "attention", "faithfulness", "occlusion", "behaviour", "probe")
 KIND_TITLES = {"classification": "classification", "attention": "attention (Grad-CAM)",
+               "faithfulness": "faithfulness of the maps (deletion, insertion, ROAD)",
                "occlusion": "occlusion (causal)", "behaviour": "behaviour", "probe": "probes", "other": "other"}
 SOURCE_EXAMPLE_SOURCES = 8
 """pipeline/gallery.py's bound, restated for the page (the report imports nothing of the pipeline;
