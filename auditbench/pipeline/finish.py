@@ -28,14 +28,14 @@ from auditbench.protocol.schema import Protocol
 from auditbench.report.overlays import overlay_png
 from auditbench.report.tables import (
     GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SANITY_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE,
-    write_csv,
+    primary_method_rows, write_csv,
 )
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
                    "lung_mass", "file", "source"]
 SPLIT_NAME_CHARS = 60  # of an external split's (or a data source's) name in a gallery PNG's name
-UNDEFINED_CAUSES = {"zero_map": "Grad-CAM maps were all zero (no positive evidence for the target class)",
+UNDEFINED_CAUSES = {"zero_map": "the maps were all zero (no positive evidence for the target class)",
                     "empty_lung_mask": "lung masks were empty"}
 
 
@@ -89,12 +89,13 @@ def finish_run(state: RunState) -> dict:
         if len(sanity):
             all_models["explanation_sanity"] = sanity_column(all_models, sanity)
             notes.extend(sanity_notes(sanity))
-        models = primary_rows(all_models, protocol)
+        primary = protocol.explain.primary  # its rows: what selection, findings, the gallery and check read
+        models = primary_method_rows(all_models, primary)
         selected = models.loc[models["selected"], "model_id"]
         selected_id = str(selected.iloc[0]) if len(selected) else None
         validation = _validation(all_models, protocol, notes)
-        notes.extend(external_findings(primary_rows(results, protocol), models))
-        notes.extend(runner_up_comparison(models, primary_rows(images, protocol), protocol))
+        notes.extend(external_findings(primary_method_rows(results, primary), models))
+        notes.extend(runner_up_comparison(models, primary_method_rows(images, primary), protocol))
         notes.extend(method_notes(all_models, protocol))
     with state.clock.stage("report"):
         gallery_rows = _write_gallery(state)
@@ -213,14 +214,6 @@ def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> p
         part.insert(0, "method", method)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
-
-
-def primary_rows(table: pd.DataFrame, protocol: Protocol) -> pd.DataFrame:
-    """The rows of a result table that come from the primary explanation method (``explain.method[0]``):
-    what selection, findings, the gallery and ``check`` read."""
-    if "method" not in table or table.empty:
-        return table
-    return table[table["method"] == protocol.explain.primary].reset_index(drop=True)
 
 
 def method_notes(models: pd.DataFrame, protocol: Protocol) -> list[str]:
