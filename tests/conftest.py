@@ -14,6 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+NO_FAITHFULNESS = ["--set", "metrics.faithfulness.images=0"]
+"""For runs that test something else: the faithfulness curves cost more than the rest of a tiny run
+(they have their own tests, tests/test_faithfulness_run.py)."""
+TINY_RUN = [
+    "--set", "models.backbones=[{name: resnet10t, weights: none}]",
+    "--set", "data.synthetic.n_images=48",
+    "--set", "data.synthetic.image_size=64",
+    "--set", "preprocessing.input_size=64",
+    "--set", "preprocessing.crop=[false]",
+    "--set", "selection.constraints={}",
+    *NO_FAITHFULNESS,
+]
+"""quick.yaml shrunk to a run of seconds: the base every CLI test run extends (a later --set of the same
+key wins)."""
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real chest X-ray samples); tests that need it skip, saying why, without it."""

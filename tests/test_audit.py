@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from auditbench.cli import app
 from auditbench.models.checkpoint import load_checkpoint
-from conftest import REPO
+from conftest import NO_FAITHFULNESS, REPO
 
 runner = CliRunner()
 QUICK = str(REPO / "protocols" / "quick.yaml")
@@ -30,7 +30,7 @@ PHANTOMS = ["--set", "data.synthetic.n_images=48", "--set", "data.synthetic.imag
             "--set", "metrics.bootstrap=100", "--set", "validation.bootstrap=0",
             # Log-odds Grad-CAM maps of a random-init backbone are all zero at this size; logit maps
             # are not, so the attention metrics have values to compare.
-            "--set", "explain.score=logit"]
+            "--set", "explain.score=logit", *NO_FAITHFULNESS]
 TRAINING = ["--set", "models.backbones=[{name: resnet10t, weights: none}]", "--set", "preprocessing.input_size=64",
             "--set", "training.finetune=[false, true]", "--set", "training.finetune_phase.max_epochs=1",
             "--set", "preprocessing.crop=[false]", "--set", "report.save_models=all"]
@@ -87,6 +87,9 @@ def test_audit_of_a_run_checkpoint_reproduces_the_run(trained, tmp_path, model_i
     for column in ("backbone", "weights", "hidden", "finetune", "augment", "crop", "task", "shortcut_strength", "input_size"):
         assert models.loc[0, column] == run_models.loc[model_id, column], column
     assert models.loc[0, "n_folds"] == 1
+    # The shortcut probes read the audited model's own features (phantoms: one source, so undefined).
+    probes = pd.read_csv(out / "probes.csv")
+    assert set(probes["features"]) == {"model"} and probes["reason"].str.startswith("one source only").all()
     images = pd.read_csv(out / "images.csv")
     internal = images[images["split"] == "internal"]
     assert len(internal) == 48  # every image is a test image

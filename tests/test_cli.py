@@ -7,19 +7,14 @@ from typer.testing import CliRunner
 
 from auditbench.cli import app
 from auditbench.outputs import seal
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
 runner = CliRunner()
 
 TINY = [
-    "--set", "models.backbones=[{name: resnet10t, weights: none}]",
-    "--set", "data.synthetic.n_images=48",
-    "--set", "data.synthetic.image_size=64",
-    "--set", "preprocessing.input_size=64",
+    *TINY_RUN,
     "--set", "training.finetune=[false, true]",
     "--set", "training.finetune_phase.max_epochs=1",
-    "--set", "preprocessing.crop=[false]",
-    "--set", "selection.constraints={}",
     "--set", "report.save_models=all",
 ]
 
@@ -245,3 +240,12 @@ def test_run_explains_with_any_registered_method(tmp_path, method, layer):
     assert set(zip(models["cam_map_size"], models["cam_stride"])) == {expected}
     images = pd.read_csv(tmp_path / "out" / "images.csv")
     assert images["lung_mass"].notna().any() and images["lung_mass"].dropna().between(0, 1).all()
+
+
+def test_probes_on_data_of_one_source_are_undefined_and_say_why(tiny_run):
+    """Phantoms have one source: the shortcut probes have nothing to tell apart, in every group."""
+    probes = pd.read_csv(tiny_run / "probes.csv")
+    assert set(probes["probe"]) == {"source", "outside_lung"} and set(probes["label"]) == {"covid", "non_covid"}
+    assert probes["reason"].str.startswith("one source only (synthetic)").all()
+    models = pd.read_csv(tiny_run / "models.csv")
+    assert models[["source_probe_accuracy_mean", "outside_lung_probe_accuracy_mean"]].isna().all().all()

@@ -23,6 +23,7 @@ KNOWN_ANSWER = [
     "data.synthetic.artifact_placement=[border, inside_crop]",
     "metrics.bootstrap=200",
     "validation.bootstrap=200",
+    "metrics.faithfulness.images=0",  # tested in tests/test_faithfulness_run.py; costly at 224 px
 ]
 N_MODELS = 8  # shortcut strength {0, 1} x crop {off, on} x placement {border, inside_crop}
 

@@ -13,22 +13,17 @@ from auditbench.audit.metrics import METRICS
 from auditbench.cli import app
 from auditbench.pipeline.faithfulness_pass import FAITHFULNESS_METRICS, explained_class, faithfulness_values
 from auditbench.protocol.loader import ProtocolError, load_protocol
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
 runner = CliRunner()
 
 FAITHFUL = ["deletion_auc", "insertion_auc", "road_morf_auc", "road_lerf_auc"]
 # A frozen and a fine-tuned model (their p comes from different paths), two folds, two methods.
 TINY = [
-    "--set", "models.backbones=[{name: resnet10t, weights: none}]",
-    "--set", "data.synthetic.n_images=48",
-    "--set", "data.synthetic.image_size=64",
+    *TINY_RUN,  # its metrics.faithfulness.images=0 is overridden by each run below
     "--set", "data.synthetic.shortcut_strength=[1]",
-    "--set", "preprocessing.input_size=64",
-    "--set", "preprocessing.crop=[false]",
     "--set", "training.finetune=[false, true]",
     "--set", "training.finetune_phase.max_epochs=1",
-    "--set", "selection.constraints={}",
     "--set", "sanity.images=0",
     "--set", "report.save_models=none",
     "--set", "explain.method=[gradcam, eigencam]",

@@ -10,20 +10,15 @@ from typer.testing import CliRunner
 
 from auditbench.cli import app
 from auditbench.report.tables import read_tables
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
 runner = CliRunner()
 
 # One frozen and one fine-tuned model, two strengths so that the validation has both kinds.
 SMALL = [
-    "--set", "models.backbones=[{name: resnet10t, weights: none}]",
-    "--set", "data.synthetic.n_images=48",
-    "--set", "data.synthetic.image_size=64",
-    "--set", "preprocessing.input_size=64",
-    "--set", "preprocessing.crop=[false]",
+    *TINY_RUN,
     "--set", "training.finetune=[false]",
     "--set", "data.synthetic.shortcut_strength=[0, 1]",
-    "--set", "selection.constraints={}",
     "--set", "sanity.images=8",
     "--set", "report.save_models=none",
 ]
@@ -63,7 +58,7 @@ def test_every_table_has_one_set_of_rows_per_method(runs):
 def test_the_validation_scores_each_methods_metrics_on_their_own():
     """Four models, two relying; Grad-CAM's lung_mass is low exactly on the relying ones (AUROC 1),
     EigenCAM's the other way round (AUROC 0); the reliance itself is the model's, the same for both."""
-    from auditbench.pipeline.finish import _validation
+    from auditbench.pipeline.validate import validation_table
     from auditbench.protocol.loader import load_protocol
 
     protocol = load_protocol(REPO / "protocols" / "quick.yaml", ["explain.method=[gradcam, eigencam]"])
@@ -74,7 +69,7 @@ def test_the_validation_scores_each_methods_metrics_on_their_own():
         "lung_mass_mean": [0.1, 0.2, 0.8, 0.9] + [0.9, 0.8, 0.2, 0.1],
     })
     notes = []
-    table = _validation(models, protocol, notes)
+    table = validation_table(models, protocol, notes)
     lung = table[(table["metric"] == "lung_mass") & (table["frame"] == "all")].set_index("method")
     assert lung.loc["gradcam", "auroc"] == 1.0 and lung.loc["eigencam", "auroc"] == 0.0
     assert list(dict.fromkeys(table["method"])) == ["gradcam", "eigencam"] and notes == []

@@ -24,7 +24,7 @@ from auditbench.outputs import staging
 from auditbench.cli import app
 from auditbench.outputs import OutputError, png_text, prepare_output, seal, verify_run_folder
 from auditbench.report.tables import IMAGE_COLUMNS, neutralise_cell, read_tables, restore_cell, write_csv
-from conftest import REPO
+from conftest import NO_FAITHFULNESS, REPO
 from test_check import RUN_ID, image_rows, write_run
 
 runner = CliRunner()
@@ -327,7 +327,7 @@ def run_args(manifest: Path, out: Path) -> list[str]:
         "--set", "models.backbones=[{name: resnet10t, weights: none}]", "--set", "models.hidden=[256]",
         "--set", "training.finetune=[false]", "--set", "training.augment=[false]", "--set", "training.folds=2",
         "--set", "preprocessing.input_size=64", "--set", "preprocessing.crop=[false]",
-        "--set", "selection.constraints={}",
+        "--set", "selection.constraints={}", *NO_FAITHFULNESS,
     ]
 
 

@@ -1,10 +1,11 @@
 """The study's protocol on the real samples in ../shared/data (skipped, saying why, without them)."""
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from auditbench.cli import app
-from conftest import REPO
+from conftest import NO_FAITHFULNESS, REPO
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 runner = CliRunner()
@@ -29,6 +30,7 @@ def real_run(shared_data, tmp_path_factory):
         "--set", "training.augment=[false]",
         "--set", "training.folds=2",
         "--set", "preprocessing.input_size=128",
+        *NO_FAITHFULNESS,
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -137,3 +139,21 @@ def test_masks_predict_writes_a_mask_per_image(shared_data, tmp_path):
     table = pd.read_csv(out / "masks.csv")
     assert len(table) == 4
     assert all((out / name).is_file() for name in table["lung_mask"])
+
+
+def test_probes_read_the_source_within_non_covid_beside_the_external_set(real_run):
+    """COVID images come from ieee8023 alone (nothing to tell apart); non-COVID images from ieee8023, Kermany
+    and the external Shenzhen/Montgomery set: that probe is defined, and its value is the frozen models'."""
+    probes = pd.read_csv(real_run / "probes.csv", keep_default_na=False, na_values=[""])
+    source = probes[probes["probe"] == "source"]
+    assert source[source["label"] == "covid"]["reason"].str.startswith("one source only (ieee8023)").all()
+    non_covid = source[source["label"] == "non_covid"]
+    assert len(non_covid) == 2 and non_covid["reason"].isna().all()  # crop off and on
+    assert set(non_covid["sources"]) == {"ieee8023; kermany; shenzhen_montgomery"}
+    assert non_covid["chance"].eq(1 / 3).all() and non_covid["balanced_accuracy"].between(0, 1).all()
+    models = pd.read_csv(real_run / "models.csv")
+    for crop, rows in models.groupby("crop"):
+        group = non_covid[non_covid["crop"] == crop]
+        assert np.allclose(rows["source_probe_accuracy_mean"], group["adjusted"].iloc[0])  # one defined class
+    html = (real_run / "report.html").read_text()
+    assert html.index('<section id="external">') < html.index('<section id="probes">')

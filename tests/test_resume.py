@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import NO_FAITHFULNESS, REPO
 
 # 2 backbones' worth of groups (crop on/off) x frozen/fine-tuned x 2 folds = 8 cells, seconds each.
 SMALL = [
@@ -27,6 +27,7 @@ SMALL = [
     "--set", "training.finetune_phase.max_epochs=1",
     "--set", "selection.constraints={}",
     "--set", "report.html=false",
+    *NO_FAITHFULNESS,
 ]
 TABLES = ["results.csv", "models.csv", "images.csv", "gallery.csv", "skipped.csv", "validation.csv", "sanity.csv"]
 

@@ -292,7 +292,7 @@ def test_shuffled_labels_keep_counts_and_are_deterministic():
 
 
 def test_against_quantus(resnet):
-    """Cross-check with Quantus (Hedström et al., JMLR 2023), skipped where it is not installed.
+    """Cross-check with Quantus (Hedström et al., JMLR 2023; in the ``test`` extra, so CI runs it).
 
     Definitional differences: Quantus' ``ssim`` takes ``data_range`` from the two maps' joint range and does not
     scale them; ours scales each map to [0, 1] and states data_range = 1. On maps already scaled to [0, 1] (min 0,
@@ -302,7 +302,6 @@ def test_against_quantus(resnet):
     differ, but the order must agree: along Quantus' top-down sequence of modules, our unit index never decreases,
     and both cover the same modules.
     """
-    pytest.importorskip("quantus")
     from quantus.functions.similarity_func import correlation_spearman, ssim
     from quantus.helpers.model.pytorch_model import PyTorchModel
 

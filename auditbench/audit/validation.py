@@ -23,7 +23,7 @@ from auditbench.audit.metrics import METRICS
 from auditbench.audit.uncertainty import percentile_ci
 
 VALIDATION_COLUMNS = [
-    "metric", "higher_is_better", "kind", "frame", "n_models", "n_relying", "n_not_relying",
+    "metric", "higher_is_better", "kind", "detector", "frame", "n_models", "n_relying", "n_not_relying",
     "mean_relying", "mean_not_relying", "auroc", "auroc_ci_low", "auroc_ci_high",
     "spearman", "spearman_ci_low", "spearman_ci_high", "separates",
 ]
@@ -235,7 +235,7 @@ def metric_validation(
             auroc_ci = percentile_ci(replicates[label][0], level)
             spearman_ci = percentile_ci(replicates[label][1], level)
             rows.append({
-                "metric": name, "higher_is_better": info.higher_is_better, "kind": info.kind,
+                "metric": name, "higher_is_better": info.higher_is_better, "kind": info.kind, "detector": info.detector,
                 "frame": label, "n_models": int(here.sum()),
                 "n_relying": int((here & relies).sum()), "n_not_relying": int((here & ~relies).sum()),
                 "mean_relying": _mean(v[here & relies]), "mean_not_relying": _mean(v[here & ~relies]),

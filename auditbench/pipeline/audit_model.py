@@ -38,6 +38,7 @@ from auditbench.models.classifier import Classifier, build_classifier
 from auditbench.outputs import PROTOCOL_FILE, Say, file_sha256, prepare_output, protocol_yaml
 from auditbench.pipeline.evaluate import CellContext, evaluate_model
 from auditbench.pipeline.finish import RunState, finish_run
+from auditbench.pipeline.probes import probe_rows
 from auditbench.pipeline.names import check_registered_names
 from auditbench.pipeline.passes import BackbonePasses, model_frame
 from auditbench.pipeline.plan import RunPlan
@@ -295,6 +296,8 @@ def run_audit(audit: AuditPlan, out_dir: Path, say: Say, overwrite: bool = False
         context = CellContext(protocol, accelerator, cams, target.staging, provenance)
         cell = evaluate_model(context, spec, ModelFold(model.classifier, frozen=True), inputs, group.task_inputs.data,
                               group.task_inputs.folds[0])
+        with audit.clock.stage("probes"):  # on the model's own features: its values, fine-tuned or not
+            cell.probe_rows = probe_rows(protocol, spec, inputs, group.task_inputs.data, own_backbone=True)
         shutil.rmtree(target.staging / STORE_DIR, ignore_errors=True)  # working state, not an output
         note = (f"Audit, not a training run: model {spec.model_id} was loaded from {model.source} (weights sha256 "
                 f"{model.weights_sha256[:12]}) and tested on every image of the data; one evaluation, no folds.")

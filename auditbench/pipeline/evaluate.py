@@ -25,6 +25,7 @@ from auditbench.models.checkpoint import save_checkpoint
 from auditbench.pipeline.faithfulness_pass import chunk_faithfulness
 from auditbench.pipeline.fit import fit_cell
 from auditbench.pipeline.gallery import offer_chunk, offer_sources
+from auditbench.pipeline.probes import probe_rows
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
 from auditbench.pipeline.records import (
     THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellKey, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
@@ -51,6 +52,7 @@ class CellContext:
     out_dir: Path
     provenance: dict[str, str]
     sanity_cells: frozenset = frozenset()  # the cells that run the method's sanity checks (pipeline/sanity.py)
+    probe_cells: frozenset = frozenset()  # the cells that run their group's shortcut probes (pipeline/probes.py)
 
 
 def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: TaskData, fold: Fold) -> CellResult:
@@ -64,6 +66,12 @@ def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: T
             result.sanity_rows = sanity_rows(context, spec, model, inputs, data, fold)
         for item in caught:  # e.g. constant maps: counted in summary.json, reasons in sanity.csv
             result.warnings[f"sanity: {item.message}"] += 1
+    if CellKey(spec.model_id, fold.index) in context.probe_cells:
+        with clock.stage("probes"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result.probe_rows = probe_rows(context.protocol, spec, inputs, data)
+        for item in caught:  # e.g. a probe that did not converge: counted in summary.json
+            result.warnings[f"probes: {item.message}"] += 1
     if fold.index == 0 and context.protocol.report.save_models != "none":
         with clock.stage("save"):
             save_model(context, spec, model, inputs)

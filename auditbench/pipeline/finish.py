@@ -15,20 +15,20 @@ import pandas as pd
 
 from auditbench.audit.aggregate import add_accuracy_drop, aggregate_models
 from auditbench.audit.metrics import METRICS
-from auditbench.audit.validation import metric_validation
-from auditbench.data.datasets import generator_of
 from auditbench.outputs import PNG_PROTOCOL_KEY, PNG_RUN_KEY, build_manifest, png_with_text, write_json_atomic
 from auditbench.pipeline.findings import external_findings, runner_up_comparison
 from auditbench.pipeline.gallery import INTERNAL, merge_folds
 from auditbench.pipeline.plan import RunPlan
 from auditbench.pipeline.provenance import git_commit, package_versions
+from auditbench.pipeline.probes import GROUP_COLUMNS, PROBE_COLUMNS, add_probe_columns, probe_notes
+from auditbench.pipeline.validate import method_notes, validation_table
 from auditbench.pipeline.sanity import SANITY_COLUMNS, sanity_column, sanity_notes
 from auditbench.pipeline.records import SOURCE_KINDS, CellResult, GalleryCandidate, StageClock
 from auditbench.protocol.schema import Protocol
 from auditbench.report.overlays import overlay_png
 from auditbench.report.tables import (
-    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, RESULTS_FILE, SANITY_FILE, SKIPPED_FILE, SUMMARY_FILE, VALIDATION_FILE,
-    primary_method_rows, write_csv,
+    GALLERY_FILE, IMAGES_FILE, MODELS_FILE, PROBES_FILE, RESULTS_FILE, SANITY_FILE, SKIPPED_FILE, SUMMARY_FILE,
+    VALIDATION_FILE, primary_method_rows, write_csv,
 )
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 
@@ -73,6 +73,10 @@ def finish_run(state: RunState) -> dict:
         n_folds = max(len(inputs.folds) for inputs in state.plan.task_inputs)  # an audit has one
         by_method = aggregate_models(results, images, grid, n_folds, cam_geometry,
                                      protocol.metrics.bootstrap, protocol.seed)
+        probes = _probes(state)
+        if len(probes):  # before ranking: a selection constraint may name a probe metric
+            by_method = add_probe_columns(by_method, probes)
+            notes.extend(probe_notes(by_method, probes))
         rule = SelectionRule(
             primary=protocol.selection.primary,
             constraints=[Constraint(metric, c.min, c.max) for metric, c in protocol.selection.constraints.items()],
@@ -93,7 +97,7 @@ def finish_run(state: RunState) -> dict:
         models = primary_method_rows(all_models, primary)
         selected = models.loc[models["selected"], "model_id"]
         selected_id = str(selected.iloc[0]) if len(selected) else None
-        validation = _validation(all_models, protocol, notes)
+        validation = validation_table(all_models, protocol, notes)
         notes.extend(external_findings(primary_method_rows(results, primary), models))
         notes.extend(runner_up_comparison(models, primary_method_rows(images, primary), protocol))
         notes.extend(method_notes(all_models, protocol))
@@ -110,6 +114,8 @@ def finish_run(state: RunState) -> dict:
             write_csv(validation, out_dir / VALIDATION_FILE, state.provenance)
         if len(sanity):
             write_csv(sanity, out_dir / SANITY_FILE, state.provenance)
+        if len(probes):
+            write_csv(probes, out_dir / PROBES_FILE, state.provenance)
         _prune_models(state, selected_id)
         summary = _summary(state, selected_id, rule, notes)
         write_json_atomic(out_dir / SUMMARY_FILE, summary)  # the report reads it
@@ -123,6 +129,13 @@ def finish_run(state: RunState) -> dict:
     summary["manifest"] = build_manifest(out_dir)  # every file but summary.json, with its sha256
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _probes(state: RunState) -> pd.DataFrame:
+    """probes.csv: every group's rows in plan order, the group columns and data axes first."""
+    rows = [row for cell in state.cells for row in cell.probe_rows]
+    axes = list(dict.fromkeys(axis for spec in state.plan.specs for axis in spec.data_axes))
+    return pd.DataFrame(rows, columns=[*GROUP_COLUMNS, *axes, *PROBE_COLUMNS])
 
 
 def _seconds(state: RunState) -> dict[str, float]:
@@ -182,51 +195,6 @@ def _gallery_file(model_id: str, candidate: GalleryCandidate, rank: int, used: s
 def _safe_name(text: str) -> str:
     """ASCII letters, digits and ``._-`` only (a non-ASCII letter may be stored in another Unicode form)."""
     return "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in text)
-
-
-def _validation(models: pd.DataFrame, protocol: Protocol, notes: list[str]) -> pd.DataFrame | None:
-    """Known-answer check of the audit itself (synthetic data): does each metric tell the models
-    that rely on the marker (shortcut_reliance above validation.reliance_threshold, measured on
-    clean twins) from those that do not, within a frame? The known answer is the one the data's
-    generator declares (``data.synthetic_adapter``)."""
-    generator = generator_of(protocol)
-    answer = f"{generator.known_answer}_mean" if generator is not None and generator.known_answer else None
-    if answer is None or answer not in models:
-        notes.append("No validation table: only generated data with a known answer (the synthetic phantoms' clean "
-                     "twins of the test images) can score the metrics.")
-        return None
-    table = models.copy()
-    threshold = protocol.validation.reliance_threshold
-    table["relies"] = table[answer] > threshold
-    if table["relies"].all() or not table["relies"].any():
-        notes.append(
-            f"No validation table: {int(table['relies'].sum())} of {len(table)} models rely on the marker "
-            f"(shortcut_reliance > {threshold:g}); it needs both kinds."
-        )
-        return None
-    validated = [name for name, info in METRICS.items() if info.detector]
-    metrics = [m for m in validated if f"{m}_mean" in table]
-    # Per explanation method: each method's maps make its own attention metrics (the others repeat).
-    parts = []
-    for method, rows in table.groupby("method", sort=False):
-        part = metric_validation(rows.reset_index(drop=True), metrics, reliance_column=answer,
-                                 n_boot=protocol.validation.bootstrap, seed=protocol.seed)
-        part.insert(0, "method", method)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
-
-
-def method_notes(models: pd.DataFrame, protocol: Protocol) -> list[str]:
-    """With several explanation methods: whether the selection would change with another one as the lens."""
-    if len(protocol.explain.method) < 2:
-        return []
-    chosen = {method: rows.loc[rows["selected"], "model_id"].tolist() for method, rows in models.groupby("method", sort=False)}
-    primary = chosen.get(protocol.explain.primary, [])
-    differing = [f"{method}: {', '.join(ids) or 'none'}" for method, ids in chosen.items() if ids != primary]
-    if not differing:
-        return [f"Every explanation method ({', '.join(protocol.explain.method)}) selects the same model."]
-    return [f"The selection uses {protocol.explain.primary} maps ({', '.join(primary) or 'no model'}); with another "
-            f"method's maps it would be: {'; '.join(differing)} (models.csv, one row per model and method)."]
 
 
 def _prune_models(state: RunState, selected_id: str | None) -> None:

@@ -22,8 +22,8 @@ from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
 
 JOURNAL_DIR = "cells"
 HEADER_FILE = "journal.json"
-JOURNAL_FORMAT = 5  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method;
-# 5: rows carry the faithfulness metrics (deletion, insertion, ROAD)
+JOURNAL_FORMAT = 6  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method;
+# 5: rows carry the faithfulness metrics (deletion, insertion, ROAD); 6: cells carry probe_rows
 _ARRAYS = ("image", "heatmap", "lung", "artifact")
 
 
@@ -92,6 +92,7 @@ class CellJournal:
             "warnings": dict(result.warnings), "heatmaps_evaluated": dict(result.heatmaps_evaluated),
             "undefined_heatmaps": dict(result.undefined_heatmaps), "stage_seconds": result.stage_seconds,
             "sanity_rows": result.sanity_rows,
+            "probe_rows": result.probe_rows,
             "gallery": {kind: {k: v for k, v in vars(c).items() if k not in _ARRAYS} for kind, c in result.gallery.items()},
         }
         arrays = {"record": np.array(json.dumps(record))}
@@ -121,7 +122,7 @@ class CellJournal:
             record["model_id"], record["fold"], record["results_rows"], record["image_rows"], gallery,
             record["cam_geometry"], record["cam_layer"], Counter(record["warnings"]),
             Counter(record["heatmaps_evaluated"]), Counter(record["undefined_heatmaps"]), record["stage_seconds"],
-            record["sanity_rows"],
+            record["sanity_rows"], record["probe_rows"],
         )
 
 

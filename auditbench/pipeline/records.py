@@ -237,6 +237,7 @@ class CellResult:
     undefined_heatmaps: Counter = field(default_factory=Counter)  # "split|cause" -> count
     stage_seconds: dict[str, float] = field(default_factory=dict)
     sanity_rows: list[dict] = field(default_factory=list)  # sanity.csv (one cell per backbone has them)
+    probe_rows: list[dict] = field(default_factory=list)  # probes.csv (one cell per group has them)
 
     @property
     def key(self) -> CellKey:

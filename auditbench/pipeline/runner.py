@@ -24,6 +24,7 @@ from auditbench.pipeline.journal import CellJournal
 from auditbench.pipeline.names import check_registered_names
 from auditbench.pipeline.passes import PassFactory
 from auditbench.pipeline.plan import RunPlan, plan_run
+from auditbench.pipeline.probes import probe_cells
 from auditbench.pipeline.sanity import sanity_cells
 from auditbench.pipeline.provenance import git_commit
 from auditbench.pipeline.records import CellKey, CellResult, StageClock
@@ -114,7 +115,7 @@ class Runner:
     def _compute_cells(self, plan: RunPlan, journal: CellJournal, done: dict[CellKey, CellResult]) -> dict[CellKey, CellResult]:
         computed: dict[CellKey, CellResult] = {}
         context = CellContext(self.protocol, self.accelerator, self.cams, self.out_dir, self.provenance,
-                              frozenset(sanity_cells(plan)))
+                              frozenset(sanity_cells(plan)), frozenset(probe_cells(plan)))
         total, self.cells_finished = plan.n_cells, len(done)
         # A terminal gets the live bar; a log (CI, a pipe) one plain line per finished model x fold.
         plain = not self.console.is_terminal

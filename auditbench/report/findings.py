@@ -24,6 +24,7 @@ from auditbench.report.formatting import ci, fmt, fmt_int, interval, items, numb
 from auditbench.report.rule import Constraint, constraints, selection_rule, shortfall, violates
 from auditbench.report.sections.decisions import error_links
 from auditbench.report.sections.methods import DISAGREEMENT
+from auditbench.report.sections.probes import probe_findings
 from auditbench.report.tables import ResultTables
 
 OCCLUSION_SUFFIX = "_occlusion_effect"
@@ -58,8 +59,8 @@ def card_model(tables: ResultTables) -> tuple[pd.Series, bool]:
 
 def findings(tables: ResultTables) -> list[Finding]:
     """All findings, most important first: the selection, external sets, occlusion constraints, validation."""
-    return [*selection_findings(tables), *external_findings(tables), *occlusion_findings(tables),
-            *explanation_findings(tables), *validation_findings(tables)]
+    return [*selection_findings(tables), *external_findings(tables), *probe_findings(tables, Finding),
+            *occlusion_findings(tables), *explanation_findings(tables), *validation_findings(tables)]
 
 
 # --- selection --------------------------------------------------------------------------------

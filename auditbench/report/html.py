@@ -29,6 +29,7 @@ from auditbench.report.sections.gallery import data_info, gallery
 from auditbench.report.sections.header import run_info, selection_info
 from auditbench.report.sections.models import model_details
 from auditbench.report.sections.methods import methods
+from auditbench.report.sections.probes import probes
 from auditbench.report.sections.ranking import ranking
 from auditbench.report.sections.scatter import scatter
 from auditbench.report.tables import SEPARATES_AUROC, ResultTables, read_tables
@@ -86,6 +87,7 @@ def build_context(tables: ResultTables) -> dict[str, Any]:
         "validation": validation(tables.validation),
         "methods": methods(tables, higher),
         "external": external(tables, models, classes),
+        "probes": probes(tables),
         "confusion": confusion(tables.results, models, classes),
         "decisions": decisions(tables, classes),
         "models_detail": model_details(tables, classes, higher),

@@ -37,6 +37,11 @@ VALIDATION_COLUMNS = [
     "separates",
 ]
 SKIPPED_COLUMNS = ["path", "reason", "source"]
+PROBE_REQUIRED_COLUMNS = [
+    "backbone", "weights", "frame", "features", "probe", "label", "sources", "n_images", "n_patients",
+    "balanced_accuracy", "chance", "adjusted", "ci_low", "ci_high", "adjusted_ci_low", "reason",
+]
+"""probes.csv (pipeline/probes.py): the columns the report reads."""
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",
                    "lung_mass", "file", "source"]
 GALLERY_ADDED_COLUMNS = ["split", "prediction", "source"]
@@ -53,6 +58,9 @@ SUMMARY_KEYS = [
 ]
 
 INTERNAL_SPLIT = "internal"
+METHOD_KINDS = ("attention", "agreement", "faithfulness")
+"""Metric kinds computed from one explanation method's maps (``audit.metrics``): their rows differ per method;
+every other kind has the same value on each method's rows."""
 SEPARATES_AUROC = 0.9
 """validation.csv: a metric ``separates`` shortcut-trained from clean models when auroc >= this."""
 
@@ -61,6 +69,7 @@ MODELS_FILE = "models.csv"
 IMAGES_FILE = "images.csv"
 VALIDATION_FILE = "validation.csv"
 SANITY_FILE = "sanity.csv"
+PROBES_FILE = "probes.csv"
 SKIPPED_FILE = "skipped.csv"
 GALLERY_FILE = "gallery.csv"
 SUMMARY_FILE = "summary.json"
@@ -70,7 +79,8 @@ GALLERY_DIR = "gallery"
 _TEXT_COLUMNS = {
     "model_id", "backbone", "weights", "task", "split", "metric", "sample_id", "source", "patient_id",
     "path", "label", "prediction", "mask_source", "violations", "not_applicable", "kind", "file", "reason",
-    "unverified", "artifact_status", "frame", "cam_layer", "artifact_placement", *PROVENANCE_COLUMNS,
+    "unverified", "artifact_status", "frame", "cam_layer", "artifact_placement", "probe", "sources", "features",
+    *PROVENANCE_COLUMNS,
 }
 _BOOL_COLUMNS = {
     "finetune", "augment", "crop", "selected", "meets_constraints", "pareto", "correct",
@@ -85,6 +95,7 @@ _FILES: dict[str, tuple[list[str], bool]] = {
     VALIDATION_FILE: (VALIDATION_COLUMNS, True),
     SKIPPED_FILE: (SKIPPED_COLUMNS, True),
     GALLERY_FILE: ([c for c in GALLERY_COLUMNS if c not in GALLERY_ADDED_COLUMNS], True),
+    PROBES_FILE: (PROBE_REQUIRED_COLUMNS, True),
 }
 
 
@@ -144,6 +155,7 @@ class ResultTables:
     validation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=VALIDATION_COLUMNS))
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
     gallery: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=GALLERY_COLUMNS))
+    probes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROBE_REQUIRED_COLUMNS))
     summary: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
     provenance: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
@@ -212,6 +224,7 @@ def read_tables(out_dir: Path | str) -> ResultTables:
         validation=frames[VALIDATION_FILE],
         skipped=frames[SKIPPED_FILE],
         gallery=frames[GALLERY_FILE],
+        probes=frames[PROBES_FILE],
         summary=_read_summary(out_dir / SUMMARY_FILE),
         out_dir=out_dir,
         provenance=provenance,
@@ -239,6 +252,7 @@ def write_tables(tables: ResultTables, out_dir: Path | str) -> None:
         VALIDATION_FILE: tables.validation,
         SKIPPED_FILE: tables.skipped,
         GALLERY_FILE: tables.gallery,
+        PROBES_FILE: tables.probes,
     }
     provenance = {c: tables.summary[c] for c in PROVENANCE_COLUMNS if tables.summary.get(c)}
     for name, frame in frames.items():
@@ -290,7 +304,7 @@ def _read_csv(path: Path, required: list[str], optional: bool) -> pd.DataFrame:
         raise ResultsError(f"results file {path} lacks column(s) {', '.join(missing)}")
     for column in _BOOL_COLUMNS & set(frame.columns):
         frame[column] = as_bool(frame[column])
-    return frame
+    return frame.copy()  # one block per dtype again after the per-column rewrites (pandas' fragmentation warning)
 
 
 def _read_summary(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from auditbench.report.external import (
 )
 from auditbench.report.formatting import arrow, fmt, fmt_int, interval, nanmean, number, percent, text
 from auditbench.report.sections.ranking import split_grid
-from auditbench.report.tables import INTERNAL_SPLIT, SEPARATES_AUROC, ResultTables, as_bool
+from auditbench.report.tables import INTERNAL_SPLIT, METHOD_KINDS, SEPARATES_AUROC, ResultTables, as_bool
 
 CROP_METRICS = ["accuracy", "lung_mass", "border_mass", "artifact_mass"]
 ALL_FRAMES = "all"
@@ -51,9 +51,9 @@ def validation(table: pd.DataFrame) -> dict[str, Any] | None:
     if table.empty:
         return None
     if "method" in table:
-        # Only attention metrics depend on the explanation method; the others are shown once.
+        # Only the metrics of a method's maps depend on it; the others are shown once.
         first = table["method"].iloc[0]
-        table = table[(table["kind"] == "attention") | (table["method"] == first)].reset_index(drop=True)
+        table = table[table["kind"].isin(METHOD_KINDS) | (table["method"] == first)].reset_index(drop=True)
     frames = table["frame"].map(text) if "frame" in table else pd.Series(ALL_FRAMES, index=table.index)
     order = {m: k for k, m in enumerate(dict.fromkeys(table["metric"].map(text)))}
     main, per_frame = [], []
@@ -71,7 +71,9 @@ def validation_row(row: pd.Series, frame: str) -> dict[str, Any]:
         return row.get(name, row.get(old) if old else None)
 
     auroc, ci_low = number(row["auroc"]), number(get("auroc_ci_low"))
-    if math.isnan(auroc):
+    if number(get("n_models")) == 0:  # e.g. a source probe on data of one source
+        verdict, cls = "undefined for every model", "na"
+    elif math.isnan(auroc):
         verdict, cls = "cannot tell (needs relying and non-relying models in one frame)", "na"
     elif bool(row["separates"]):
         verdict, cls = "separates", "good"
@@ -79,7 +81,7 @@ def validation_row(row: pd.Series, frame: str) -> dict[str, Any]:
         verdict, cls = "does not separate (CI reaches 0.5)", "bad"
     else:
         verdict, cls = "does not separate", "bad"
-    method = text(row.get("method", "")) if row.get("kind") == "attention" else "any"
+    method = text(row.get("method", "")) if row.get("kind") in METHOD_KINDS else "any"
     return {
         "metric": text(row["metric"]), "kind": text(row["kind"]), "frame": text(frame), "method": method,
         "arrow": arrow(bool(row["higher_is_better"])),
