@@ -149,7 +149,7 @@ def test_notes_and_findings_name_readable_classes_only():
     assert "within class pos with the lungs filled" in notes[2]
     tables = make_tables()
     tables.probes = probes
-    found = probe_findings(tables, Finding)
+    found = [Finding(*f) for f in probe_findings(tables)]
     assert [f.headline for f in found] == [
         "The image's source is readable within a class from the backbone's features:",
         "The image's source is readable within a class even with the lungs filled:",

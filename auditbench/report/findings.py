@@ -59,7 +59,7 @@ def card_model(tables: ResultTables) -> tuple[pd.Series, bool]:
 
 def findings(tables: ResultTables) -> list[Finding]:
     """All findings, most important first: the selection, external sets, occlusion constraints, validation."""
-    return [*selection_findings(tables), *external_findings(tables), *probe_findings(tables, Finding),
+    return [*selection_findings(tables), *external_findings(tables), *(Finding(*f) for f in probe_findings(tables)),
             *occlusion_findings(tables), *explanation_findings(tables), *validation_findings(tables)]
 
 

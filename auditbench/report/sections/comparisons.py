@@ -74,7 +74,7 @@ def validation_row(row: pd.Series, frame: str) -> dict[str, Any]:
     if number(get("n_models")) == 0:  # e.g. a source probe on data of one source
         verdict, cls = "undefined for every model", "na"
     elif math.isnan(auroc):
-        verdict, cls = "cannot tell (needs relying and non-relying models in one frame)", "na"
+        verdict, cls = "cannot tell (needs relying and non-relying models in one stratum)", "na"
     elif bool(row["separates"]):
         verdict, cls = "separates", "good"
     elif auroc >= SEPARATES_AUROC and not math.isnan(ci_low) and ci_low <= 0.5:

@@ -42,8 +42,8 @@ def probes(tables: ResultTables) -> dict[str, Any] | None:
     return {"rows": rows, "n_readable": sum(r["readable"] for r in rows)}
 
 
-def probe_findings(tables: ResultTables, finding) -> list:
-    """One finding per probe kind where some class's source is readable (``finding``: the Finding type)."""
+def probe_findings(tables: ResultTables) -> list[tuple[str, str, str]]:
+    """(level, headline, detail) of one finding per probe kind where some class's source is readable."""
     table = tables.probes
     out = []
     for probe, rows in (table.groupby("probe", sort=False) if len(table) else []):
@@ -56,7 +56,7 @@ def probe_findings(tables: ResultTables, finding) -> list:
             f"with balanced accuracy {fmt(r['balanced_accuracy'], 2)} {interval(r['ci_low'], r['ci_high'])} vs chance "
             f"{fmt(r['chance'], 2)}" for r in hits[:5])
         more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
-        out.append(finding("warn", f"The image's source is readable within a class {where}:",
-                           f"{listed}{more}. Where the classes come from different sources, a model of these features "
-                           "has a source shortcut available (DeGrave et al. 2021): check the external test sets."))
+        out.append(("warn", f"The image's source is readable within a class {where}:",
+                    f"{listed}{more}. Where the classes come from different sources, a model of these features "
+                    "has a source shortcut available (DeGrave et al. 2021): check the external test sets."))
     return out
