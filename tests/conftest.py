@@ -30,6 +30,17 @@ TINY_RUN = [
 key wins)."""
 
 
+def run_quick(out: Path, *settings: str) -> Path:
+    """``auditbench run protocols/quick.yaml *settings --out out`` through typer's runner; ``out`` once it succeeded."""
+    from typer.testing import CliRunner
+
+    from auditbench.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *settings, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real chest X-ray samples); tests that need it skip, saying why, without it."""

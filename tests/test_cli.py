@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from auditbench.cli import app
 from auditbench.outputs import seal
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_RUN, run_quick
 
 runner = CliRunner()
 
@@ -21,16 +21,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return run_quick(tmp_path_factory.mktemp("tiny"), *TINY)
 
 
 def test_run_writes_outputs_and_is_deterministic(tiny_run, tmp_path):
-    again = tmp_path / "again"
-    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY, "--out", str(again)])
-    assert result.exit_code == 0, result.output
+    again = run_quick(tmp_path / "again", *TINY)
     first, second = pd.read_csv(tiny_run / "results.csv"), pd.read_csv(again / "results.csv")
     assert first["run_id"].nunique() == 1 and first["run_id"].iloc[0] != second["run_id"].iloc[0]
     assert first["protocol_sha256"].equals(second["protocol_sha256"])  # same protocol

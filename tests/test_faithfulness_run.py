@@ -7,15 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from auditbench.audit.metrics import METRICS
-from auditbench.cli import app
 from auditbench.pipeline.faithfulness_pass import FAITHFULNESS_METRICS, explained_class, faithfulness_values
 from auditbench.protocol.loader import ProtocolError, load_protocol
-from conftest import REPO, TINY_RUN
-
-runner = CliRunner()
+from conftest import REPO, TINY_RUN, run_quick
 
 FAITHFUL = ["deletion_auc", "insertion_auc", "road_morf_auc", "road_lerf_auc"]
 # A frozen and a fine-tuned model (their p comes from different paths), two folds, two methods.
@@ -33,10 +29,7 @@ DROP = ["run_id", "protocol_sha256"]
 
 
 def _run(out, images: int):
-    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *TINY,
-                                 "--set", f"metrics.faithfulness.images={images}", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return run_quick(out, *TINY, "--set", f"metrics.faithfulness.images={images}")
 
 
 @pytest.fixture(scope="module")

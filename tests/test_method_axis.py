@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from auditbench.cli import app
 from auditbench.report.tables import read_tables
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_RUN, run_quick
 
 runner = CliRunner()
 
@@ -26,10 +26,7 @@ DROP = ["run_id", "protocol_sha256"]
 
 
 def _run(out, methods: str):
-    result = runner.invoke(app, ["run", str(REPO / "protocols" / "quick.yaml"), *SMALL,
-                                 "--set", f"explain.method={methods}", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return run_quick(out, *SMALL, "--set", f"explain.method={methods}")
 
 
 @pytest.fixture(scope="module")
