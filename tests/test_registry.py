@@ -111,9 +111,12 @@ def test_metrics_keep_their_registration_order():
     assert METRICS.get("lung_mass").compute.__annotations__["a"] in ("AttentionInputs", AttentionInputs)
 
 
-def test_cam_entry_type_refuses_batch_size_for_feature_methods():
-    with pytest.raises(TypeError, match="batch_size is for input-level methods"):
-        cam_method("x", lambda a, g: a, title="X", batch_size=8)
+def test_cam_entry_type_refuses_batch_size_and_expensive_for_feature_methods():
+    for option in ({"batch_size": 8}, {"expensive": True}):
+        with pytest.raises(TypeError, match="batch_size and expensive are for input-level methods"):
+            cam_method("x", lambda a, g: a, title="X", **option)
+    # Only Score-CAM (a forward pass per channel) is bounded by explain.expensive_images.
+    assert [name for name, cam in CAM_METHODS.items() if cam.expensive] == ["scorecam"]
 
 
 # ------------------------------------------------------------------ the rule: register, never .add, in the package

@@ -14,8 +14,10 @@ A method provides only its weights and weighted sum (a pre-ReLU map); this modul
 Two kinds of method, both registered in :data:`CAM_METHODS` by decorating the method's function (see
 :mod:`auditbench.registry`), which becomes the registered method object:
 ``@CAM_METHODS.register("gradcam", title="Grad-CAM")`` on ``function(A, G)`` builds a :class:`FeatureCam`;
-``@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64)`` on
-``function(context)`` builds an :class:`InputCam` (:func:`cam_method` is the entry type).
+``@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64,
+expensive=True)`` on ``function(context)`` builds an :class:`InputCam` (:func:`cam_method` is the entry type).
+``expensive``: the method costs many forward passes per image (Score-CAM: one per feature channel), so the
+pipeline explains only a bounded number of images with it (``explain.expensive_images``).
 
 - :class:`FeatureCam` (``needs_input = False``): needs only the head and the level's activations (and their
   gradients). Called as ``cam(head, features, target, score=...)`` on cached features at ``"last"``, or
@@ -77,6 +79,7 @@ class _CamMethod:
 
     needs_input: bool
     uses_gradients: bool
+    expensive: bool = False
 
     def __init__(self, name: str, function: Callable[..., Any], title: str):
         functools.update_wrapper(self, function, updated=())  # __doc__, __name__, __qualname__, __module__
@@ -171,7 +174,9 @@ class InputContext:
         with torch.no_grad():
             for start in range(0, count, self.batch_size):
                 chunk = slice(start, min(start + self.batch_size, count))
-                logits = self.head(self.backbone(images(chunk)))
+                # channels_last: 1.5-1.9x faster convolutions on a CPU (measured on lite0 and resnet10t at
+                # 128 px), same values to float rounding; the backbone's own weights are left as they are.
+                logits = self.head(self.backbone(images(chunk).contiguous(memory_format=torch.channels_last)))
                 values.append(scores(logits.float(), targets[chunk], self.score))
         return torch.cat(values) if values else torch.zeros(0, device=self.x.device)
 
@@ -183,10 +188,11 @@ class InputCam(_CamMethod):
     needs_input = True
 
     def __init__(self, name: str, function: Callable[[InputContext], tuple[Tensor, Tensor, Tensor]], title: str,
-                 uses_gradients: bool = True, batch_size: int = 64):
+                 uses_gradients: bool = True, batch_size: int = 64, expensive: bool = False):
         super().__init__(name, function, title)
         self.uses_gradients = uses_gradients
         self.batch_size = batch_size
+        self.expensive = expensive
 
     def __call__(self, backbone: nn.Module, head: nn.Module, x: Tensor, target: Target, *, score: Score = "log_odds",
                  layer: str = "last", features: Optional[Tensor] = None, batch_size: Optional[int] = None) -> Tensor:
@@ -215,14 +221,17 @@ class InputCam(_CamMethod):
 
 
 def cam_method(name: str, function: Callable[..., Any], *, title: str, needs_input: bool = False,
-               uses_gradients: bool = True, batch_size: Optional[int] = None) -> Union[FeatureCam, InputCam]:
+               uses_gradients: bool = True, batch_size: Optional[int] = None,
+               expensive: bool = False) -> Union[FeatureCam, InputCam]:
     """The entry type of :data:`CAM_METHODS`: ``function(A, G) -> pre-ReLU map`` becomes a :class:`FeatureCam`;
     with ``needs_input=True``, ``function(context) -> (pre-ReLU map, logits, targets)`` becomes an
-    :class:`InputCam` whose extra forward passes take ``batch_size`` images at a time (default 64)."""
+    :class:`InputCam` whose extra forward passes take ``batch_size`` images at a time (default 64);
+    ``expensive=True`` (input-level only) marks a method whose images the pipeline bounds."""
     if needs_input:
-        return InputCam(name, function, title, uses_gradients, 64 if batch_size is None else batch_size)
-    if batch_size is not None:
-        raise TypeError(f"CAM method {name!r}: batch_size is for input-level methods (needs_input=True) only")
+        return InputCam(name, function, title, uses_gradients, 64 if batch_size is None else batch_size, expensive)
+    if batch_size is not None or expensive:
+        raise TypeError(f"CAM method {name!r}: batch_size and expensive are for input-level methods "
+                        "(needs_input=True) only")
     return FeatureCam(name, function, title, uses_gradients)
 
 

@@ -13,7 +13,8 @@ from auditbench.explain.cam_base import CAM_METHODS, InputContext
 from auditbench.explain.cam_levels import scores, target_indices
 
 
-@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64)
+@CAM_METHODS.register("scorecam", title="Score-CAM", needs_input=True, uses_gradients=False, batch_size=64,
+                      expensive=True)
 def scorecam(context: InputContext) -> tuple[Tensor, Tensor, Tensor]:
     """Score-CAM (Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu 2020, "Score-CAM: Score-Weighted Visual
     Explanations for Convolutional Neural Networks", CVPR workshops): gradient-free channel weights from

@@ -138,7 +138,7 @@ class _Evaluation:
             frames = view.frames(chunk)
             with self.clock.stage("explain"):
                 explained = predict_and_explain(model, inputs, frames, view.maps(chunk), context.cams,
-                                                context.protocol.explain, context.accelerator)
+                                                context.protocol.explain, context.accelerator, first=start)
             p, chunk_samples = explained.p, [samples[i] for i in chunk]
             attention = {method: self._attention(method, explained, frames, split) for method in methods}
             if split == "internal" and context.protocol.metrics.faithfulness.images:  # the first N, NaN beyond
@@ -181,8 +181,23 @@ class _Evaluation:
                                np.concatenate(lungs_removed) if view.has_occlusion else None)
 
     def _attention(self, method: str, explained, frames: Frames, split: str) -> dict[str, np.ndarray]:
-        """One method's per-image attention metrics on a chunk; its map geometry; NaN causes counted."""
-        result, map_side = self.result, explained.map_side[method]
+        """One method's per-image attention metrics on a chunk (NaN on the rows a bounded method did
+        not explain); its map geometry; NaN causes counted."""
+        result, n = self.result, len(explained.p)
+        maps = explained.heatmaps[method]
+        rows = len(maps)
+        primary = next(iter(self.context.cams))
+        # The primary method's counts read as the split's; another method's carry its name.
+        key = split if method == primary else f"{split} ({method})"
+        names = [name for name, info in METRICS.in_registration_order() if info.kind == "attention"]
+        values = {name: np.full(n, np.nan) for name in names}
+        if method != primary:
+            values["method_agreement"] = np.full(n, np.nan)
+        result.heatmaps_evaluated[key] += n
+        result.undefined_heatmaps[f"{key}|not_explained"] += n - rows
+        if not rows:
+            return values
+        map_side = explained.map_side[method]
         cell_px = int(np.ceil(frames.images.shape[-1] / map_side)) if map_side else 0
         result.cam_geometry[method] = {
             "input_size": self.inputs.frame.input_size, "frame": frame_name(self.inputs.frame),
@@ -190,19 +205,16 @@ class _Evaluation:
         }
         with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            attention = attention_metrics(explained.heatmaps[method], frames.lungs, frames.artifact_footprint,
-                                          frames.border, cell_px)
+            attention = attention_metrics(maps, frames.lungs[:rows], frames.artifact_footprint[:rows],
+                                          frames.border[:rows], cell_px)
         del caught  # counted below per cause, summed over models and folds, not one line per batch
-        values = dict(attention.values)
-        primary = next(iter(self.context.cams))
+        for name, per_image in attention.values.items():
+            values[name][:rows] = per_image
         if method != primary:
             with self.clock.stage("audit"), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                values["method_agreement"] = rank_agreement(explained.heatmaps[method], explained.heatmaps[primary])
+                values["method_agreement"][:rows] = rank_agreement(maps, explained.heatmaps[primary][:rows])
             self._count_warnings(caught, f"{split} ({method})")
-        # The primary method's counts read as the split's; another method's carry its name.
-        key = split if method == primary else f"{split} ({method})"
-        result.heatmaps_evaluated[key] += len(explained.p)
         for cause in ("zero_map", "empty_lung_mask"):
             result.undefined_heatmaps[f"{key}|{cause}"] += attention.nan_counts.get(cause, 0)
         return values

@@ -36,7 +36,8 @@ def faithfulness_values(predict: Callable[[np.ndarray], np.ndarray], images: np.
                         seed: int, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """Per method, each of :data:`FAITHFULNESS_METRICS` (N,) for a chunk of ``images`` (N, H, W) in [0, 1]
     whose first image is number ``first`` of the split: computed for the numbers below ``bound``, NaN for
-    the rest (and, as audit.faithfulness, for a constant map).
+    the rest (and, as audit.faithfulness, for a constant map). A method whose maps cover fewer rows than
+    the chunk (``explain.expensive_images``) is scored on the rows it has.
 
     ``predict`` maps frames (n, H, W) to p(positive). The frames go to audit.faithfulness as one greyscale
     channel, so deletion (into 0, black), the blurred insertion substrate and ROAD's noise (sd 0.01) are in the
@@ -55,10 +56,13 @@ def faithfulness_values(predict: Callable[[np.ndarray], np.ndarray], images: np.
 
     negative = np.asarray(classes[:take]) == 0
     for method, maps in heatmaps.items():
-        scores = faithfulness_scores(greyscale, frames, np.asarray(maps[:take]), n_steps=steps, seed=seed % 2**32,
-                                     batch_size=batch_size, first_index=first)
+        rows = min(take, len(maps))  # a method bounded by explain.expensive_images has maps for fewer rows
+        if not rows:
+            continue
+        scores = faithfulness_scores(greyscale, frames[:rows], np.asarray(maps[:rows]), n_steps=steps,
+                                     seed=seed % 2**32, batch_size=batch_size, first_index=first)
         for name in FAITHFULNESS_METRICS:
-            out[method][name][:take] = np.where(negative, 1.0 - scores[name], scores[name])
+            out[method][name][:rows] = np.where(negative[:rows], 1.0 - scores[name], scores[name])
     return out
 
 

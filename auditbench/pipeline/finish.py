@@ -36,7 +36,9 @@ GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "p
                    "lung_mass", "file", "source"]
 SPLIT_NAME_CHARS = 60  # of an external split's (or a data source's) name in a gallery PNG's name
 UNDEFINED_CAUSES = {"zero_map": "the maps were all zero (no positive evidence for the target class)",
-                    "empty_lung_mask": "lung masks were empty"}
+                    "empty_lung_mask": "lung masks were empty",
+                    "not_explained": "the method is registered as expensive and explains only the first "
+                                     "explain.expensive_images images of each split"}
 
 
 @dataclass

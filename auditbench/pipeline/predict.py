@@ -20,21 +20,36 @@ from auditbench.training.trainer import predict_logits
 @dataclass
 class Explained:
     """p(positive) of each frame and, per explanation method, its raw maps upsampled to the model
-    frame (N, S, S) and the side of the map it computed before upsampling."""
+    frame and the side of the map it computed before upsampling. A method bounded by
+    ``explain.expensive_images`` has maps for the leading rows only: ``heatmaps[name]`` is (n, S, S)
+    with n <= len(p) (:func:`bounded_rows`)."""
 
     p: np.ndarray
     heatmaps: dict[str, np.ndarray]
     map_side: dict[str, int]
 
 
+def bounded_rows(cam, is_primary: bool, first: int, count: int, bound: int) -> int:
+    """How many of ``count`` images, numbers ``first``.. of their split, a method explains: all, or for
+    a method registered as expensive (not the primary) those numbered below ``bound``."""
+    if is_primary or not cam.expensive:
+        return count
+    return max(0, min(count, bound - first))
+
+
 def predict_and_explain(model: ModelFold, inputs: GroupInputs, frames: Frames, maps: torch.Tensor | None,
-                        cams: dict, explain: ExplainSpec, accelerator: Accelerator) -> Explained:
-    """p(positive) and the raw maps of each method in ``cams`` (name -> registered method) for
-    ``explain.target`` (positive or predicted class) with ``explain.score`` at ``explain.layer``,
+                        cams: dict, explain: ExplainSpec, accelerator: Accelerator, first: int = 0,
+                        expensive_images: int | None = None) -> Explained:
+    """p(positive) and the raw maps of each method in ``cams`` (name -> registered method, the primary
+    first) for ``explain.target`` (positive or predicted class) with ``explain.score`` at ``explain.layer``,
     upsampled to the model frame. One forward pass per batch serves every method.
 
+    ``frames`` are images number ``first``.. of their split: an expensive method explains only those
+    numbered below ``expensive_images`` (default ``explain.expensive_images``; :func:`bounded_rows`).
     p comes from the fp32 head on the backbone's map, exactly as for the occluded copies."""
     device = accelerator.device
+    bound = explain.expensive_images if expensive_images is None else expensive_images
+    primary = next(iter(cams))
     head = accelerator.place(model.classifier.head).eval()
     size = tuple(frames.images.shape[-2:])
     probabilities: list[torch.Tensor] = []
@@ -59,17 +74,22 @@ def predict_and_explain(model: ModelFold, inputs: GroupInputs, frames: Frames, m
         target = 1 if explain.target == "positive" else logits.argmax(dim=1)
         probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
         for name, cam in cams.items():
+            rows = bounded_rows(cam, name == primary, first + start, len(feature_map), bound)
+            if not rows:
+                continue
             # Backbone passes (finer levels, input-level methods) under the run's precision; a head-only
             # map stays in fp32 (small weights times activations underflow in fp16).
             through_backbone = cam.needs_input or explain.layer != "last"
             with accelerator.autocast() if through_backbone else contextlib.nullcontext():
-                raw = explain_batch(cam, backbone, head, x, feature_map, target, explain.score, explain.layer,
-                                    batch_size=explain.batch_size)
+                raw = explain_batch(cam, backbone, head, None if x is None else x[:rows], feature_map[:rows],
+                                    target if isinstance(target, int) else target[:rows], explain.score,
+                                    explain.layer, batch_size=explain.batch_size)
             raw = raw.float()
             map_side[name] = raw.shape[-1]
             heatmaps[name].append(upsample_cams(raw, size).cpu())
-    return Explained(torch.cat(probabilities).numpy(), {name: torch.cat(parts).numpy() for name, parts in heatmaps.items()},
-                     map_side)
+    empty = np.zeros((0, *size), np.float32)
+    return Explained(torch.cat(probabilities).numpy(),
+                     {name: torch.cat(parts).numpy() if parts else empty for name, parts in heatmaps.items()}, map_side)
 
 
 def probability_fn(model: ModelFold, inputs: GroupInputs, batch_size: int, accelerator: Accelerator):

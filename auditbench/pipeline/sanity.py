@@ -4,7 +4,8 @@ Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018; Arun et al., "A
 trustworthiness of saliency maps for localizing abnormalities in medical imaging", Radiology: AI
 2021. A map that barely changes when the model's weights are re-initialised, or when the model is
 trained on shuffled labels, does not explain *this* model. On the first model of each backbone
-(plan order), fold 0, ``sanity.images`` internal test images:
+(plan order), fold 0, ``sanity.images`` internal test images (the first ``sanity.expensive_images`` of
+them for a method registered as expensive, Score-CAM):
 
 - *cascading randomisation*: the model's units re-initialised cumulatively from the top
   (``audit.sanity.cascading_randomisation``), maps compared with the trained model's by Spearman
@@ -60,13 +61,14 @@ def sanity_rows(context, spec: ModelSpec, model: ModelFold, inputs: GroupInputs,
     seed = stable_seed(protocol.seed, "sanity", spec.model_id)
 
     def maps_of(candidate: ModelFold, cached) -> dict[str, np.ndarray]:
+        # A method registered as expensive maps only the first sanity.expensive_images of the rows.
         return predict_and_explain(candidate, inputs, frames, cached, context.cams, protocol.explain,
-                                   context.accelerator).heatmaps
+                                   context.accelerator, expensive_images=protocol.sanity.expensive_images).heatmaps
 
     original = maps_of(model, inputs.test.maps(rows))
     baselines = {method: random_pair_baseline(maps, n_pairs=50, seed=seed) for method, maps in original.items()}
     common = {method: {"model_id": spec.model_id, "backbone": spec.backbone, "weights": spec.weights, "method": method,
-                       "layer": protocol.explain.layer, "n_images": len(rows),
+                       "layer": protocol.explain.layer, "n_images": len(original[method]),
                        "baseline_spearman": float(baseline.mean_spearman), "baseline_ssim": float(baseline.mean_ssim)}
               for method, baseline in baselines.items()}
     out = {method: [] for method in original}
@@ -79,14 +81,16 @@ def sanity_rows(context, spec: ModelSpec, model: ModelFold, inputs: GroupInputs,
             row = {**common[method], "test": CASCADE, "step": step.index, "unit": step.unit.name,
                    "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim), "verdict": "", "reason": ""}
             if step is steps[-1]:
-                row.update(_verdict(similarity, baselines[method], groups, protocol.metrics.bootstrap, seed))
+                row.update(_verdict(similarity, baselines[method], groups[: len(maps)], protocol.metrics.bootstrap,
+                                    seed))
             out[method].append(row)
     shuffled = maps_of(_shuffled_head_model(protocol, spec, inputs, data, fold, seed), inputs.test.maps(rows))
     for method, maps in shuffled.items():
         similarity = map_similarity(original[method], maps)
         out[method].append({**common[method], "test": LABEL_SHUFFLE, "step": 0, "unit": "head trained on shuffled labels",
                             "spearman": _mean(similarity.spearman), "ssim": _mean(similarity.ssim),
-                            **_verdict(similarity, baselines[method], groups, protocol.metrics.bootstrap, seed)})
+                            **_verdict(similarity, baselines[method], groups[: len(maps)], protocol.metrics.bootstrap,
+                                       seed)})
     return [row for method_rows in out.values() for row in method_rows]
 
 

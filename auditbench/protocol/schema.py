@@ -237,6 +237,12 @@ class ExplainSpec(_Strict):
     # last level with stride <= 16 / <= 8 (finer maps; the backward runs through the top blocks).
     layer: Literal["last", "stride16", "stride8"] = "last"
     batch_size: int = Field(32, ge=1)
+    # Methods registered as expensive (Score-CAM: one forward pass of the whole model per feature channel,
+    # 320 per image on efficientnet_lite0, 512 on a ResNet-18, about 2-3 s per image at 128 px on a 2-core
+    # CPU) explain only the first N images of each split of a model x fold, in split order; their per-image
+    # metrics are NaN beyond, and their model values are means over those N (images.csv says which rows). Not
+    # applied to the primary method, whose maps selection and ``check`` read on every image.
+    expensive_images: int = Field(8, ge=1)
 
     _axis = field_validator("method", mode="before")(_as_list)
 
@@ -285,6 +291,9 @@ class SanitySpec(_Strict):
     # Internal test images of fold 0 whose maps are compared (0: no checks). With 16 the verdict's
     # CI could not show a drop to the random-pair baseline on lite0 (README), hence 64.
     images: int = Field(64, ge=0)
+    # The first N of those images for a method registered as expensive (explain.expensive_images): per
+    # image it costs (cascade steps + 2) x its forward passes, about 30 s for Score-CAM on lite0 at 128 px.
+    expensive_images: int = Field(8, ge=2)
     granularity: Literal["stage", "block"] = "stage"  # what one cascade step re-initialises
 
 
