@@ -7,8 +7,8 @@ Settings (environment variables, defaults in brackets): ``CAM_BENCH_BACKBONE`` [
 locally shipped ImageNet weights; other backbones get random weights], ``CAM_BENCH_SIZE`` [224],
 ``CAM_BENCH_BATCH`` [8], ``CAM_BENCH_LAYER`` [last], ``CAM_BENCH_METHODS`` [all, comma-separated],
 ``CAM_BENCH_ROUNDS`` [5; Score-CAM gets 1 round without warm-up: C forward passes per image],
-``CAM_BENCH_CHUNK`` [64, masked images per forward pass for both Score-CAMs]. Score-CAM at ``"last"`` of efficientnet_lite0 is 1280 passes per
-image: on a CPU pick a small setting (e.g. ``resnet10t``, 64 px, ``stride8``).
+``CAM_BENCH_CHUNK`` [64, masked images per forward pass for both Score-CAMs]. Score-CAM at ``"last"`` of
+efficientnet_lite0 is 320 passes per image (about a minute per batch of 16 at 128 px on a 2-core CPU).
 
 For each method it times, on one batch with the positive class as target:
 

@@ -103,7 +103,7 @@ def _probes_table() -> pd.DataFrame:
     """Group (crop False): source probe defined on one class of two (adjusted CI [0.2, 0.8]), outside-lung
     probe defined on both classes (value 0.3: the mean of 0.2 and 0.4, no interval)."""
     base = {"task": "t", "backbone": "r", "weights": "none", "crop": False, "frame": "64px", "features": "pretrained",
-            "n_folds": 5,
+            "model_id": "", "n_folds": 5,
             "n_images": 20, "n_patients": 20, "chance": 0.5, "fold_std": 0.1, "sources": "a; b"}
     rows = [
         {**base, "probe": "source", "metric": "source_probe_accuracy", "value": 0.5, "label": "neg", "adjusted": 0.5,
@@ -122,19 +122,24 @@ def _probes_table() -> pd.DataFrame:
     return pd.DataFrame(rows)[["task", "backbone", "weights", "crop", *PROBE_COLUMNS]]
 
 
-def test_frozen_models_of_the_group_get_its_values_and_fine_tuned_ones_nan():
+def test_frozen_models_get_the_groups_values_and_a_fine_tuned_model_its_own():
     models = pd.DataFrame({
-        "model_id": ["frozen-a", "frozen-b", "tuned", "other-frame"], "task": "t", "backbone": "r", "weights": "none",
-        "crop": [False, False, False, True], "finetune": [False, False, True, False],
+        "model_id": ["frozen-a", "frozen-b", "tuned", "other-frame", "tuned-2"], "task": "t", "backbone": "r",
+        "weights": "none", "crop": [False, False, False, True, False], "finetune": [False, False, True, False, True],
     })
-    out = add_probe_columns(models, _probes_table()).set_index("model_id")
+    probes = _probes_table()
+    own = probes[probes["probe"] == "source"].assign(features="model", model_id="tuned-2", value=0.9)
+    out = add_probe_columns(models, pd.concat([probes, own], ignore_index=True)).set_index("model_id")
     for model in ("frozen-a", "frozen-b"):
         assert out.loc[model, "source_probe_accuracy_mean"] == 0.5
         assert (out.loc[model, "source_probe_accuracy_ci_low"], out.loc[model, "source_probe_accuracy_ci_high"]) == (0.2, 0.8)
         assert out.loc[model, "outside_lung_probe_accuracy_mean"] == 0.3
         assert math.isnan(out.loc[model, "outside_lung_probe_accuracy_ci_low"])  # two classes: no interval
-    for model in ("tuned", "other-frame"):
+    for model in ("tuned", "other-frame"):  # not probed: a fine-tuned model never gets the pretrained value
         assert out.loc[model, ["source_probe_accuracy_mean", "outside_lung_probe_accuracy_mean"]].isna().all()
+    assert out.loc["tuned-2", "source_probe_accuracy_mean"] == 0.9  # its own backbone's rows
+    assert out.loc["tuned-2", "source_probe_accuracy_ci_low"] == 0.2
+    assert math.isnan(out.loc["tuned-2", "outside_lung_probe_accuracy_mean"])
     assert len(models.columns) == 6  # the input is not changed
 
 
@@ -142,7 +147,7 @@ def test_notes_and_findings_name_readable_classes_only():
     probes = _probes_table()
     models = pd.DataFrame({"finetune": [False, True]})
     notes = probe_notes(models, probes)
-    assert notes[0].startswith("Shortcut probes read the pretrained backbone's features")
+    assert notes[0].startswith("Shortcut probes read the pretrained backbone's features for the frozen models")
     # neg intact (adjusted CI [0.2, 0.8]) and pos lung-filled ([0.1, 0.7]) are readable; neg lung-filled is not.
     assert len(notes) == 3
     assert "within class neg in the intact images" in notes[1] and "0.75 [0.60, 0.90] vs chance 0.50" in notes[1]
@@ -168,3 +173,71 @@ def test_report_shows_the_probes_escaped():
     assert "one source only (a)" in html and "source readable" in html
     assert '<section id="probes">' not in render_html(make_tables())  # a run without probes.csv
 
+
+
+class _SourceBrightness(torch.nn.Module):
+    """A stand-in backbone: every channel of its (N, 8, 2, 2) map is the image's mean intensity."""
+
+    num_features = 8
+
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 8, 2, 2)
+
+
+def _image_view(samples: list[Sample], brightness: dict[str, float], seed: int):
+    """A stand-in ViewPass with frames: each source's images at its own brightness (+ noise 0.01), and
+    lung-filled copies all at 0.5 (nothing left to read)."""
+    rng = np.random.default_rng(seed)
+    images = np.stack([np.full((4, 4), brightness[s.source]) + 0.01 * rng.standard_normal((4, 4)) for s in samples])
+
+    def occlusion(rows, with_images):
+        assert with_images
+        return SimpleNamespace(images=SimpleNamespace(indices={"lung": np.arange(len(rows))},
+                                                      filled={"lung": np.full((len(rows), 4, 4), 0.5, np.float32)}))
+
+    return _View(images=lambda rows: images[rows].astype(np.float32), has_occlusion=True, occlusion=occlusion,
+                 n=len(samples))
+
+
+def test_a_fine_tuned_model_is_probed_on_its_own_backbone():
+    """The model's backbone reads each source's brightness: within non-COVID (ieee8023 vs kermany) the probe
+    on its features recognises the source (balanced accuracy 1); with the lungs filled every image looks the
+    same and the probe is at chance. The rows name the model."""
+    from auditbench.pipeline.records import ModelFold
+    from auditbench.training.device import Accelerator
+
+    samples = _samples("ieee8023", "No Finding", 10) + _samples("kermany", "normal", 10) + _samples("ieee8023", "covid", 10)
+    view = _image_view(samples, {"ieee8023": 0.2, "kermany": 0.8}, 0)
+    data = SimpleNamespace(test_view=samples, labels=np.array([0] * 20 + [1] * 10), external={})
+    inputs = SimpleNamespace(test=view, external={}, frame=SimpleNamespace(input_size=4, crop=False),
+                             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    spec = ModelSpec("tuned", "resnet10t", "none", 256, True, False, False, TASK)
+    model = ModelFold(SimpleNamespace(backbone=_SourceBrightness()), frozen=False)
+    protocol = load_protocol(REPO / "protocols" / "quick.yaml", ["metrics.bootstrap=0", "explain.batch_size=7"])
+    rows = pd.DataFrame(probe_rows(protocol, spec, inputs, data, model=model,
+                                   accelerator=Accelerator(torch.device("cpu"), None)))
+    assert set(rows["features"]) == {"model"} and set(rows["model_id"]) == {"tuned"}
+    rows = rows.set_index(["probe", "label"])
+    assert rows.loc[("source", "non_covid"), "balanced_accuracy"] == 1.0
+    assert rows.loc[("outside_lung", "non_covid"), "adjusted"] <= 0.0  # identical features: no better than chance
+    assert rows.loc[("source", "covid"), "reason"].startswith("one source only")
+
+
+def test_no_pass_of_a_fine_tuned_backbone_where_no_class_has_two_sources():
+    class Refuses(torch.nn.Module):
+        num_features = 8
+
+        def forward(self, x):
+            raise AssertionError("the backbone ran although no probe can be defined")
+
+    from auditbench.pipeline.records import ModelFold
+
+    samples = _samples("ieee8023", "No Finding", 6) + _samples("kermany", "covid", 6)  # one source per class
+    view = _image_view(samples, {"ieee8023": 0.2, "kermany": 0.8}, 0)
+    data = SimpleNamespace(test_view=samples, labels=np.array([0] * 6 + [1] * 6), external={})
+    inputs = SimpleNamespace(test=view, external={}, frame=SimpleNamespace(input_size=4, crop=False))
+    spec = ModelSpec("tuned", "resnet10t", "none", 256, True, False, False, TASK)
+    rows = probe_rows(load_protocol(REPO / "protocols" / "quick.yaml", ["metrics.bootstrap=0"]), spec, inputs, data,
+                      model=ModelFold(SimpleNamespace(backbone=Refuses()), frozen=False), accelerator=None)
+    assert [r["probe"] for r in rows] == ["source", "source", "outside_lung", "outside_lung"]
+    assert all(r["reason"].startswith("one source only") for r in rows)

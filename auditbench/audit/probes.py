@@ -145,6 +145,18 @@ def _probe_class(x, source, groups, label, seed, n_splits, C, n_boot, level) -> 
                       fold_std=float(finite.std(ddof=1)) if len(finite) > 1 else math.nan)
 
 
+def probe_possible(sources: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_splits: int = PROBE_FOLDS) -> bool:
+    """Whether :func:`source_probe` can define some class: one with two or more sources, each of at least
+    ``n_splits`` patients. Where none can, every class is NaN with its reason whatever the features are."""
+    sources, labels, groups = (np.asarray(a) for a in (sources, labels, groups))
+    for label in np.unique(labels):
+        here = labels == label
+        names = np.unique(sources[here])
+        if len(names) > 1 and all(len(np.unique(groups[here][sources[here] == name])) >= n_splits for name in names):
+            return True
+    return False
+
+
 def source_probe(
     pooled: np.ndarray,
     sources: np.ndarray,

@@ -66,10 +66,16 @@ def run_cell(context: CellContext, spec: ModelSpec, inputs: GroupInputs, data: T
             result.sanity_rows = sanity_rows(context, spec, model, inputs, data, fold)
         for item in caught:  # e.g. constant maps: counted in summary.json, reasons in sanity.csv
             result.warnings[f"sanity: {item.message}"] += 1
-    if CellKey(spec.model_id, fold.index) in context.probe_cells:
+    # The group's pretrained features once (its frozen models' values); a fine-tuned model's own, on fold 0.
+    pretrained = CellKey(spec.model_id, fold.index) in context.probe_cells
+    if pretrained or (not model.frozen and fold.index == 0):
         with clock.stage("probes"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result.probe_rows = probe_rows(context.protocol, spec, inputs, data)
+            if pretrained:
+                result.probe_rows += probe_rows(context.protocol, spec, inputs, data)
+            if not model.frozen and fold.index == 0:
+                result.probe_rows += probe_rows(context.protocol, spec, inputs, data, model=model,
+                                                accelerator=context.accelerator)
         for item in caught:  # e.g. a probe that did not converge: counted in summary.json
             result.warnings[f"probes: {item.message}"] += 1
     if fold.index == 0 and context.protocol.report.save_models != "none":

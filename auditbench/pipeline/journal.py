@@ -22,8 +22,9 @@ from auditbench.pipeline.records import CellKey, CellResult, GalleryCandidate
 
 JOURNAL_DIR = "cells"
 HEADER_FILE = "journal.json"
-JOURNAL_FORMAT = 6  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method;
-# 5: rows carry the faithfulness metrics (deletion, insertion, ROAD); 6: cells carry probe_rows
+JOURNAL_FORMAT = 7  # 2: cells carry sanity_rows; 3: gallery candidates carry their source; 4: rows per explanation method;
+# 5: rows carry the faithfulness metrics (deletion, insertion, ROAD); 6: cells carry probe_rows; 7: probe rows name
+# their model (fine-tuned models are probed on their own backbone), expensive methods' maps are bounded
 _ARRAYS = ("image", "heatmap", "lung", "artifact")
 
 

@@ -22,6 +22,12 @@ def readable(row: pd.Series) -> bool:
     return not text(row.get("reason")) and number(row.get("adjusted_ci_low")) > 0
 
 
+def features(row: pd.Series) -> str:
+    """``pretrained``, or ``model <model_id>`` for a fine-tuned or audited model's own backbone."""
+    model_id = text(row.get("model_id"))
+    return f"{text(row['features'])} {model_id}" if model_id else text(row["features"])
+
+
 def probes(tables: ResultTables) -> dict[str, Any] | None:
     """None for a run without probes.csv (older runs) or without any row."""
     table = tables.probes
@@ -32,7 +38,7 @@ def probes(tables: ResultTables) -> dict[str, Any] | None:
         reason = text(row.get("reason"))
         rows.append({
             "task": text(row.get("task")), "backbone": text(row["backbone"]), "weights": text(row["weights"]),
-            "frame": text(row["frame"]), "features": text(row["features"]),
+            "frame": text(row["frame"]), "features": features(row),
             "probe": PROBE_TITLES.get(text(row["probe"]), text(row["probe"])),
             "label": text(row["label"]), "sources": text(row["sources"]), "n_images": fmt_int(row["n_images"]),
             "n_patients": fmt_int(row["n_patients"]), "balanced_accuracy": fmt(row["balanced_accuracy"], 2),
@@ -52,7 +58,7 @@ def probe_findings(tables: ResultTables) -> list[tuple[str, str, str]]:
             continue
         where = "even with the lungs filled" if probe == "outside_lung" else "from the backbone's features"
         listed = "; ".join(
-            f"class {text(r['label'])} on {text(r['backbone'])} ({text(r['frame'])}): {text(r['sources'])} told apart "
+            f"class {text(r['label'])} on {_whose(r)} ({text(r['frame'])}): {text(r['sources'])} told apart "
             f"with balanced accuracy {fmt(r['balanced_accuracy'], 2)} {interval(r['ci_low'], r['ci_high'])} vs chance "
             f"{fmt(r['chance'], 2)}" for r in hits[:5])
         more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
@@ -60,3 +66,8 @@ def probe_findings(tables: ResultTables) -> list[tuple[str, str, str]]:
                     f"{listed}{more}. Where the classes come from different sources, a model of these features "
                     "has a source shortcut available (DeGrave et al. 2021): check the external test sets."))
     return out
+
+
+def _whose(row: pd.Series) -> str:
+    model_id = text(row.get("model_id"))
+    return f"model {model_id}'s own backbone" if model_id else text(row["backbone"])
