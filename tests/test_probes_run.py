@@ -241,3 +241,35 @@ def test_no_pass_of_a_fine_tuned_backbone_where_no_class_has_two_sources():
                       model=ModelFold(SimpleNamespace(backbone=Refuses()), frozen=False), accelerator=None)
     assert [r["probe"] for r in rows] == ["source", "source", "outside_lung", "outside_lung"]
     assert all(r["reason"].startswith("one source only") for r in rows)
+
+
+def test_a_models_own_features_equal_the_store_where_its_backbone_is_the_pretrained_one(tmp_path, monkeypatch):
+    """The fine-tuned path reads a real view's frames and lung-filled copies (chunk by chunk) through the model's
+    backbone; with the pretrained backbone itself it must give the store's pooled features and copies."""
+    import auditbench.pipeline.passes as passes_module
+    import auditbench.pipeline.probes as probes_module
+    from auditbench.data.synthetic import SyntheticConfig, generate
+    from auditbench.models.classifier import Classifier, Head
+    from auditbench.pipeline.records import ModelFold
+    from auditbench.pipeline.store import FeatureStore
+    from auditbench.training.device import select_accelerator
+
+    protocol = load_protocol(REPO / "protocols" / "quick.yaml", [
+        "models.backbones=[{name: resnet10t, weights: none}]", "preprocessing.input_size=32",
+    ])
+    accelerator = select_accelerator("cpu", "auto")
+    backbone = passes_module.load_backbone(protocol, "resnet10t", "none")
+    frame = passes_module.model_frame(protocol, backbone, False)
+    passes = passes_module.BackbonePasses(protocol, backbone, frame, accelerator, FeatureStore(tmp_path, "ns"))
+    view = passes.view(generate(SyntheticConfig(n_images=10, image_size=48, seed=0), 0.0, "test").samples,
+                       keep_maps=False, occlusion=True)
+    monkeypatch.setattr(probes_module, "CHUNK", 4)  # 10 images: three chunks
+    model = ModelFold(Classifier(backbone, Head(backbone.num_features, 8, 0.0, num_classes=2)), frozen=False)
+    inputs = SimpleNamespace(mean=backbone.data_config["mean"], std=backbone.data_config["std"])
+    own, (own_kept, own_filled) = probes_module._model_features(model, inputs, [view, view], True, accelerator, 3)
+    store, (store_kept, store_filled) = probes_module._store_features([view, view], True)
+    assert own.shape == store.shape == (20, backbone.num_features)
+    np.testing.assert_allclose(own, store, atol=1e-5)
+    np.testing.assert_array_equal(own_kept, store_kept)
+    assert len(own_kept) and own_kept.max() >= 10  # the second view's rows are numbered after the first's
+    np.testing.assert_allclose(own_filled, store_filled, atol=1e-5)
