@@ -199,7 +199,7 @@ class _Evaluation:
         values = {name: np.full(n, np.nan) for name in names}
         if method != primary:
             values["method_agreement"] = np.full(n, np.nan)
-        result.heatmaps_evaluated[key] += n
+        result.heatmaps_evaluated[key] += rows  # the denominator of the other causes: images with a map
         result.undefined_heatmaps[f"{key}|not_explained"] += n - rows
         if not rows:
             return values

@@ -235,7 +235,13 @@ def _summary(state: RunState, selected_id: str | None, rule: SelectionRule, note
         cam_layers.setdefault(spec.backbone, cell.cam_layer)
     for key, count in sorted(undefined.items(), key=lambda item: tuple(item[0].rsplit("|", 1))):
         split, cause = key.rsplit("|", 1)
-        if count:
+        if count and cause == "not_explained":
+            notes.append(
+                f"{split}: {count} image evaluations (all models and folds) have no map beside the "
+                f"{evaluated[split]} explained: {UNDEFINED_CAUSES[cause]}; their attention metrics are NaN and "
+                "left out of the means (images.csv)."
+            )
+        elif count:
             notes.append(
                 f"{split}: for {count} of {evaluated[split]} image evaluations (all models and folds) "
                 f"{UNDEFINED_CAUSES[cause]}; their attention metrics are NaN and left out of the means (images.csv)."
