@@ -38,6 +38,7 @@ from auditbench.protocol.schema import Protocol
 from auditbench.training.device import Accelerator
 
 CLASSIFICATION_METRICS = [name for name, info in METRICS.in_registration_order() if info.kind == "classification"]
+ATTENTION_METRICS = [name for name, info in METRICS.in_registration_order() if info.kind == "attention"]
 COUNT_METRICS = ["tn", "fp", "fn", "tp"]  # reported by classification_metrics, never registered: counts, not scores
 
 
@@ -195,8 +196,7 @@ class _Evaluation:
         primary = next(iter(self.context.cams))
         # The primary method's counts read as the split's; another method's carry its name.
         key = split if method == primary else f"{split} ({method})"
-        names = [name for name, info in METRICS.in_registration_order() if info.kind == "attention"]
-        values = {name: np.full(n, np.nan) for name in names}
+        values = {name: np.full(n, np.nan) for name in ATTENTION_METRICS}
         if method != primary:
             values["method_agreement"] = np.full(n, np.nan)
         result.heatmaps_evaluated[key] += rows  # the denominator of the other causes: images with a map
