@@ -12,10 +12,10 @@ run uses it: 224 px for VGG, 299 px for the others) and per memory layout, in im
   backbone pass over every image (the feature cache of a backbone x crop group);
 - ``predict``: :func:`auditbench.training.trainer.predict_logits`, what every p of a fine-tuned model goes
   through (validation loss each epoch, test images, occluded copies);
-- ``gradcam``: Grad-CAM of a fine-tuned model as ``pipeline.predict.predict_and_explain`` computes it (a frozen model's
-  maps at ``last`` come from the cached features and cost only the head): the backbone under the accelerator's
-  autocast, then the protocol's CAM method (``CAM_METHODS``, ``gradcam_from_features``) on the fp32 map, or
-  :func:`auditbench.explain.gradcam.layer_gradcam` at a finer ``explain.layer``, ``upsample_cams`` and the
+- ``gradcam``: the primary method's maps of a fine-tuned model through the product's own call,
+  :func:`auditbench.pipeline.predict.explain_images` (what ``predict_and_explain`` runs; a frozen model's maps at
+  ``last`` come from the cached features and cost only the head): the backbone under the accelerator's autocast,
+  the method on the fp32 map (or through the backbone at a finer ``explain.layer``), ``upsample_cams`` and the
   copy back to the host;
 - ``finetune_step``: :func:`auditbench.training.trainer.finetune` itself, one epoch of ``iterations`` batches
   (forward, backward, Adam step under the accelerator's autocast and GradScaler, batch norm frozen); the call's
@@ -64,9 +64,10 @@ import torch
 
 from auditbench.audit.occlusion import OCCLUSION_REGIONS
 from auditbench.data.transforms import normalise
-from auditbench.explain.gradcam import CAM_METHODS, layer_gradcam, upsample_cams
+from auditbench.explain.gradcam import CAM_METHODS
 from auditbench.models.backbones import build_backbone
 from auditbench.models.classifier import Classifier, Head
+from auditbench.pipeline.predict import explain_images
 from auditbench.data.datasets import data_axes
 from auditbench.protocol.grid import expand_grid
 from auditbench.protocol.loader import load_protocol
@@ -147,30 +148,12 @@ def time_call(run: Callable[[], object], warmup: Callable[[], object] | None, im
 
 def explain_frames(model: Classifier, frames: np.ndarray, mean, std, accelerator: Accelerator, batch_size: int,
                    protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
-    """p(positive) and upsampled Grad-CAM maps of a fine-tuned model (no cached maps), batch by batch, as
-    ``pipeline.predict.predict_and_explain`` computes them (auditbench/pipeline/predict.py); keep the two in step."""
-    explain = protocol.explain
-    cam = CAM_METHODS.get(explain.primary)
-    head = accelerator.place(model.head).eval()
-    backbone = accelerator.place(model.backbone).eval()
-    positive = explain.target == "positive"
-    size = tuple(frames.shape[-2:])
-    probabilities, heatmaps = [], []
-    for start in range(0, len(frames), batch_size):
-        x = accelerator.batch(normalise(frames[start : start + batch_size], mean, std))
-        if explain.layer != "last":
-            with accelerator.autocast():
-                cams, _ = layer_gradcam(backbone, head, x, 1 if positive else "predicted", explain.layer, explain.score)
-        with torch.no_grad(), accelerator.autocast():
-            feature_map = backbone(x)
-        feature_map = feature_map.float()
-        with torch.no_grad():
-            logits = head(feature_map)
-        if explain.layer == "last":
-            cams = cam(head, feature_map, 1 if positive else logits.argmax(dim=1), score=explain.score)
-        probabilities.append(torch.softmax(logits, dim=1)[:, 1].cpu())
-        heatmaps.append(upsample_cams(cams.float(), size).cpu())
-    return torch.cat(probabilities).numpy(), torch.cat(heatmaps).numpy()
+    """p(positive) and upsampled primary-method maps of a fine-tuned model (no cached maps): the product's
+    ``pipeline.predict.explain_images``, the call ``predict_and_explain`` makes."""
+    explain = protocol.explain.model_copy(update={"batch_size": batch_size})
+    explained = explain_images(model, frames, mean, std, {explain.primary: CAM_METHODS.get(explain.primary)}, explain,
+                               accelerator)
+    return explained.p, explained.heatmaps[explain.primary]
 
 
 def measure_backbone(name: str, size: int | None, layouts: list[str], protocol: Protocol, accelerator: Accelerator,

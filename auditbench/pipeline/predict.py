@@ -11,6 +11,7 @@ from auditbench.data.prepare import Frames
 from auditbench.data.transforms import normalise
 from auditbench.explain.cam_base import explain_batch
 from auditbench.explain.gradcam import upsample_cams
+from auditbench.models.classifier import Classifier
 from auditbench.pipeline.records import GroupInputs, ModelFold
 from auditbench.protocol.schema import ExplainSpec
 from auditbench.training.device import Accelerator
@@ -47,22 +48,32 @@ def predict_and_explain(model: ModelFold, inputs: GroupInputs, frames: Frames, m
     ``frames`` are images number ``first``.. of their split: an expensive method explains only those
     numbered below ``expensive_images`` (default ``explain.expensive_images``; :func:`bounded_rows`).
     p comes from the fp32 head on the backbone's map, exactly as for the occluded copies."""
+    return explain_images(model.classifier, frames.images, inputs.mean, inputs.std, cams, explain, accelerator,
+                          maps=maps if model.frozen else None, first=first, expensive_images=expensive_images)
+
+
+def explain_images(classifier: Classifier, images: np.ndarray, mean, std, cams: dict, explain: ExplainSpec,
+                   accelerator: Accelerator, maps: torch.Tensor | None = None, first: int = 0,
+                   expensive_images: int | None = None) -> Explained:
+    """:func:`predict_and_explain` on bare (N, S, S) images: ``maps`` are the backbone's cached feature
+    maps of those images, valid only when the backbone is the shared pretrained one (a frozen model);
+    None runs the backbone. The GPU benchmark times this same call."""
     device = accelerator.device
     bound = explain.expensive_images if expensive_images is None else expensive_images
     primary = next(iter(cams))
-    head = accelerator.place(model.classifier.head).eval()
-    size = tuple(frames.images.shape[-2:])
+    head = accelerator.place(classifier.head).eval()
+    size = tuple(images.shape[-2:])
     probabilities: list[torch.Tensor] = []
     heatmaps: dict[str, list[torch.Tensor]] = {name: [] for name in cams}
     map_side = dict.fromkeys(cams, 0)
     # Images are normalised only where needed: a frozen model explained at "last" by feature-level
     # methods runs its head on the cached map alone.
     needs_images = any(cam.needs_input for cam in cams.values()) or explain.layer != "last"
-    backbone = accelerator.place(model.classifier.backbone).eval()
-    for start in range(0, len(frames), explain.batch_size):
+    backbone = accelerator.place(classifier.backbone).eval()
+    cached = maps is not None
+    for start in range(0, len(images), explain.batch_size):
         batch = slice(start, start + explain.batch_size)
-        cached = model.frozen and maps is not None
-        x = accelerator.batch(normalise(frames.images[batch], inputs.mean, inputs.std)) if needs_images or not cached else None
+        x = accelerator.batch(normalise(images[batch], mean, std)) if needs_images or not cached else None
         if cached:
             feature_map = maps[batch].to(device)
         else:
