@@ -360,7 +360,7 @@ def masks_predict(
     from auditbench.data.records import DataError
     from auditbench.masks.lungseg import LungSegmenter
     from auditbench.registry import UnknownNameError
-    from auditbench.report.tables import write_csv
+    from auditbench.report.csv_cells import write_csv
 
     try:
         loaded = DATASETS.get(dataset).load(root, {}, max_side)

@@ -23,7 +23,8 @@ from auditbench import outputs
 from auditbench.outputs import staging
 from auditbench.cli import app
 from auditbench.outputs import OutputError, png_text, prepare_output, seal, verify_run_folder
-from auditbench.report.tables import IMAGE_COLUMNS, neutralise_cell, read_tables, restore_cell, write_csv
+from auditbench.report.csv_cells import neutralise_cell, restore_cell, write_csv
+from auditbench.report.tables import IMAGE_COLUMNS, read_tables
 from conftest import NO_FAITHFULNESS, REPO
 from test_check import RUN_ID, image_rows, write_run
 
@@ -420,7 +421,7 @@ def test_disk_full_mid_write_exits_2_and_leaves_the_previous_run(manifest_run, t
     shutil.copytree(original, out)
     before = tree(out)
     import auditbench.pipeline.runner as runner_module
-    from auditbench.report.tables import write_csv
+    from auditbench.report.csv_cells import write_csv
 
     def full_disk(self):
         write_csv(pd.DataFrame({"a": [1]}), self.out_dir / "results.csv", self.provenance)

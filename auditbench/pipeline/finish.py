@@ -28,8 +28,9 @@ from auditbench.protocol.schema import Protocol
 from auditbench.report.overlays import overlay_png
 from auditbench.report.tables import (
     GALLERY_FILE, IMAGES_FILE, MODELS_FILE, PROBES_FILE, RESULTS_FILE, SANITY_FILE, SKIPPED_FILE, SUMMARY_FILE,
-    VALIDATION_FILE, primary_method_rows, write_csv,
+    VALIDATION_FILE, primary_method_rows,
 )
+from auditbench.report.csv_cells import write_csv
 from auditbench.selection.ranking import Constraint, SelectionRule, rank_models
 
 GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "prediction", "p_positive",

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from auditbench.report.csv_cells import PROVENANCE_COLUMNS, is_text, restore_cell, write_csv
+
 GRID_COLUMNS = ["model_id", "method", "backbone", "weights", "hidden", "finetune", "augment", "crop", "task"]
 """Grid columns every protocol has; data axes (e.g. ``shortcut_strength``) follow them. ``method``: the
 explanation method of the row (``explain.method``; one row per model and method)."""
@@ -47,9 +49,6 @@ GALLERY_COLUMNS = ["model_id", "sample_id", "fold", "split", "kind", "label", "p
 GALLERY_ADDED_COLUMNS = ["split", "prediction", "source"]
 """gallery.csv columns an older run lacks: before the gallery of decisions (its rows are internal
 best / worst) ``split`` and ``prediction``; before the per-source examples ``source``."""
-
-PROVENANCE_COLUMNS = ["run_id", "protocol_sha256"]
-"""Last two columns of every CSV a run writes: which run wrote the row, from which resolved protocol."""
 
 SUMMARY_KEYS = [
     "name", "run_id", "protocol_sha256", "seed", "selected_model", "selection", "metric_directions", "n_models", "n_images",
@@ -99,50 +98,8 @@ _FILES: dict[str, tuple[list[str], bool]] = {
 }
 
 
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-"""A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection")."""
-_QUOTE = "'"
-
-
 class ResultsError(ValueError):
     """A run's output folder lacks a required file, or a file is unreadable or malformed."""
-
-
-def neutralise_cell(value: Any) -> Any:
-    """A text cell that a spreadsheet would run as a formula, prefixed with a single quote (OWASP).
-
-    Only ``str`` values change: numbers (a negative float too) stay numbers. A text cell that starts
-    with the quote itself is quoted as well, so :func:`restore_cell` gives back every text exactly."""
-    if isinstance(value, str) and value[:1] in (*FORMULA_PREFIXES, _QUOTE):
-        return _QUOTE + value
-    return value
-
-
-def restore_cell(value: Any) -> Any:
-    """The inverse of :func:`neutralise_cell` for cells read back from a CSV this package wrote."""
-    if isinstance(value, str) and value.startswith(_QUOTE):
-        return value[1:]
-    return value
-
-
-def _is_text(values: pd.Series) -> bool:
-    """Whether a column can hold text cells (object or a string dtype); numbers and booleans cannot."""
-    return values.dtype == object or isinstance(values.dtype, pd.StringDtype) or pd.api.types.is_string_dtype(values.dtype)
-
-
-def write_csv(frame: pd.DataFrame, path: Path | str, provenance: dict[str, str] | None = None) -> None:
-    """The one CSV writer of a run: every text cell (and column name) neutralised against formula
-    injection, and with ``provenance`` (``run_id``, ``protocol_sha256``) as the last columns."""
-    frame = frame.copy()
-    if provenance:
-        frame = frame.drop(columns=[c for c in PROVENANCE_COLUMNS if c in frame.columns])
-        for column in PROVENANCE_COLUMNS:
-            frame[column] = str(provenance.get(column, ""))
-    for column in frame.columns:
-        if _is_text(frame[column]):
-            frame[column] = frame[column].map(neutralise_cell).astype(object)
-    frame.columns = [neutralise_cell(str(c)) for c in frame.columns]
-    frame.to_csv(path, index=False)
 
 
 @dataclass
@@ -291,7 +248,7 @@ def _read_csv(path: Path, required: list[str], optional: bool) -> pd.DataFrame:
         dtype = {c: str for c in raw if names[c] in _TEXT_COLUMNS}
         frame = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=na_values).rename(columns=names)
         for column in frame.columns:
-            if _is_text(frame[column]):
+            if is_text(frame[column]):
                 frame[column] = frame[column].map(restore_cell)
     except pd.errors.EmptyDataError:
         if optional:
