@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from auditbench.audit.aggregate import lungs_removed_auc_value
 from auditbench.audit.agreement import rank_agreement
-from auditbench.audit.metrics import METRICS, attention_metrics, classification_metrics
+from auditbench.audit.metrics import METRICS, attention_metrics
 from auditbench.audit.occlusion import effects_from_probabilities
 from auditbench.data.prepare import ARTIFACT_ABSENT, Frames, TaskData
 from auditbench.data.records import Sample
@@ -26,6 +25,7 @@ from auditbench.pipeline.faithfulness_pass import chunk_faithfulness
 from auditbench.pipeline.fit import fit_cell
 from auditbench.pipeline.gallery import offer_chunk, offer_sources
 from auditbench.pipeline.probes import probe_rows
+from auditbench.pipeline.result_rows import append_image_rows, append_results_rows
 from auditbench.pipeline.predict import head_probability, predict_and_explain, probability_fn
 from auditbench.pipeline.records import (
     THRESHOLD, TRAIN_DISTRIBUTION_SPLIT, CellKey, CellResult, GalleryCandidate, GroupInputs, ModelFold, StageClock, ViewPass,
@@ -37,9 +37,7 @@ from auditbench.protocol.grid import ModelSpec
 from auditbench.protocol.schema import Protocol
 from auditbench.training.device import Accelerator
 
-CLASSIFICATION_METRICS = [name for name, info in METRICS.in_registration_order() if info.kind == "classification"]
 ATTENTION_METRICS = [name for name, info in METRICS.in_registration_order() if info.kind == "attention"]
-COUNT_METRICS = ["tn", "fp", "fn", "tp"]  # reported by classification_metrics, never registered: counts, not scores
 
 
 @dataclass
@@ -170,8 +168,8 @@ class _Evaluation:
                 shared["shortcut_reliance"] = self._reliance(frames, p, chunk)
             chunk_labels = labels[start : start + len(chunk)]
             for method in methods:
-                self._image_rows(method, split, chunk_labels, p, chunk_samples, frames, {**attention[method], **shared},
-                                 p_lungs_removed if occlusion is not None else None)
+                append_image_rows(self.result, self.spec, method, split, chunk_labels, p, chunk_samples, frames,
+                                  {**attention[method], **shared}, p_lungs_removed if occlusion is not None else None)
                 for name, per_image in attention[method].items():
                     attention_all[method][name].append(per_image)
             lungs_removed.append(p_lungs_removed)
@@ -184,8 +182,8 @@ class _Evaluation:
         shared_values = {k: np.concatenate(v) for k, v in shared_all.items()}
         for method in methods:
             values = {**{k: np.concatenate(v) for k, v in attention_all[method].items()}, **shared_values}
-            self._results_rows(method, split, labels, np.concatenate(p_all), values,
-                               np.concatenate(lungs_removed) if view.has_occlusion else None)
+            append_results_rows(self.result, self.spec, method, split, labels, np.concatenate(p_all), values,
+                                np.concatenate(lungs_removed) if view.has_occlusion else None)
 
     def _attention(self, method: str, explained, frames: Frames, split: str) -> dict[str, np.ndarray]:
         """One method's per-image attention metrics on a chunk (NaN on the rows a bounded method did
@@ -264,60 +262,16 @@ class _Evaluation:
                         self.inputs.train.images(chunk))
             frames = self.inputs.train.frames(chunk)
             for method in self.context.cams:
-                self._image_rows(method, TRAIN_DISTRIBUTION_SPLIT, labels[start : start + len(chunk)], p,
-                                 [data.train_view[i] for i in chunk], frames, {})
+                append_image_rows(self.result, self.spec, method, TRAIN_DISTRIBUTION_SPLIT,
+                                  labels[start : start + len(chunk)], p, [data.train_view[i] for i in chunk], frames, {})
             p_all.append(p)
         for method in self.context.cams:
-            self._results_rows(method, TRAIN_DISTRIBUTION_SPLIT, labels, np.concatenate(p_all), {})
+            append_results_rows(self.result, self.spec, method, TRAIN_DISTRIBUTION_SPLIT, labels, np.concatenate(p_all), {})
 
     def _count_warnings(self, caught: list, split: str) -> None:
         """Identical messages are counted, so a large grid gives a short list."""
         for item in caught:
             self.result.warnings[f"{split}: {item.message}"] += 1
-
-    def _results_rows(self, method: str, split: str, labels: np.ndarray, p: np.ndarray, values: dict[str, np.ndarray],
-                      p_lungs_removed: np.ndarray | None = None) -> None:
-        """Rows of results.csv (per fold) for one evaluated split: classification metrics, the
-        mean of each per-image metric over the images where it is defined, and (with occluded
-        copies) ``lungs_removed_auc``, the ROC AUC of p on the lung-filled copies (Maguolo & Nanni,
-        Information Fusion 2021: a model that still separates the classes without lungs reads
-        something else)."""
-        spec, fold, result = self.spec, self.result.fold, self.result
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scores = classification_metrics(labels, p, THRESHOLD)
-        self._count_warnings(caught, split)
-        grid = {"model_id": spec.model_id, "method": method, **spec.grid_row()}
-        for metric in CLASSIFICATION_METRICS + COUNT_METRICS:
-            result.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": float(scores[metric])})
-        for metric, per_image in values.items():
-            finite = per_image[np.isfinite(per_image)]
-            value = float(finite.mean()) if len(finite) else float("nan")
-            result.results_rows.append({**grid, "split": split, "fold": fold, "metric": metric, "value": value})
-        if p_lungs_removed is not None:
-            result.results_rows.append({**grid, "split": split, "fold": fold, "metric": "lungs_removed_auc",
-                                        "value": lungs_removed_auc_value(p_lungs_removed, labels)})
-
-    def _image_rows(self, method: str, split: str, labels: np.ndarray, p: np.ndarray, samples: list[Sample],
-                    frames: Frames, values: dict[str, np.ndarray], p_lungs_removed: np.ndarray | None = None) -> None:
-        """Rows of images.csv, one per evaluated image and explanation method."""
-        spec, fold, result = self.spec, self.result.fold, self.result
-        class_names = spec.task.class_names
-        prediction = (p > THRESHOLD).astype(int)
-        has_artifact = frames.artifact_footprint.reshape(len(p), -1).any(axis=1)
-        border_in_view = frames.border_footprint.reshape(len(p), -1).any(axis=1)
-        for i, sample in enumerate(samples):
-            result.image_rows.append({
-                "model_id": spec.model_id, "method": method, "fold": fold, "split": split, "sample_id": sample.sample_id,
-                "source": sample.source, "patient_id": sample.patient_id, "path": sample.path,
-                "label": class_names[labels[i]], "label_index": int(labels[i]),
-                "prediction": class_names[prediction[i]], "p_positive": float(p[i]),
-                "correct": bool(prediction[i] == labels[i]), "mask_source": sample.mask_source,
-                "has_artifact": bool(has_artifact[i]), "artifact_status": str(frames.artifact_status[i]),
-                "border_in_view": bool(border_in_view[i]),
-                **{metric: float(per_image[i]) for metric, per_image in values.items()},
-                **({} if p_lungs_removed is None else {"p_lungs_removed": float(p_lungs_removed[i])}),
-            })
 
     def _gallery_candidates(self, split: str, lung_mass, p, heatmaps, frames: Frames, labels,
                             samples: list[Sample]) -> None:
